@@ -1,0 +1,16 @@
+"""leo_dist: data-parallel Leo and Lion with sharded momentum and 1-bit packed updates."""
+from .functional import leo_update, lion_update
+from .optim import Leo, Lion, leo_param_groups
+from .packing import pack_mask, pack_signs, unpack_signs
+
+__all__ = [
+    "Leo",
+    "Lion",
+    "leo_param_groups",
+    "leo_update",
+    "lion_update",
+    "pack_signs",
+    "pack_mask",
+    "unpack_signs",
+]
+__version__ = "0.1.0"
