@@ -2,10 +2,13 @@
 from .functional import leo_update, lion_update
 from .optim import Leo, Lion, leo_param_groups
 from .packing import pack_mask, pack_signs, unpack_signs
+from .sharded import ShardedLeo, ShardedLion
 
 __all__ = [
     "Leo",
     "Lion",
+    "ShardedLeo",
+    "ShardedLion",
     "leo_param_groups",
     "leo_update",
     "lion_update",

@@ -5,8 +5,16 @@
 * :func:`apply_signs_` — on every rank: read packed bits (and zeros) and a parameter, write the
   parameter ``p·(1−lr·wd) − lr·scale·sign``.
 
-These torch implementations define the results; faster back ends (a fused CPU path, Triton
-kernels) must match them: bits, zero bitmaps and momentum bitwise, parameters to float rounding.
+The torch implementations (:func:`_sign_shard_step_torch`, :func:`_apply_signs_torch`) define the
+results; faster back ends must match them: bits, zero bitmaps and momentum bitwise, parameters to
+float rounding. The public functions pick a back end from the tensors:
+
+* contiguous CPU float32/bfloat16 tensors, with the C library built: :mod:`leo_dist.cpu_step`
+  (one pass over memory);
+* anything else (CUDA tensors with ``fused=False``, other dtypes, no C compiler): the torch code.
+
+The Triton kernels of :mod:`leo_dist.kernels` have the same signatures; callers that chose
+``fused`` use that module directly (it imports Triton, so it is never imported from here).
 """
 from __future__ import annotations
 
@@ -19,7 +27,34 @@ from .packing import pack_mask, unpack_signs
 __all__ = ["sign_shard_step_", "apply_signs_"]
 
 
+def _use_cpu_ext(*tensors: Tensor) -> bool:
+    from . import cpu_step
+    return cpu_step.supports(*tensors) and cpu_step.available()
+
+
 def sign_shard_step_(
+    grad: Tensor, exp_avg: Tensor, bits: Tensor, zeros: Tensor, n_valid: int, beta1: float, beta2: float
+) -> Tensor:
+    """One Lion-style local step on a flat shard; see :func:`_sign_shard_step_torch` for the contract."""
+    if _use_cpu_ext(grad, exp_avg) and bits.is_contiguous() and zeros.is_contiguous():
+        from . import cpu_step
+        return cpu_step.sign_shard_step_(grad, exp_avg, bits, zeros, n_valid, beta1, beta2)
+    return _sign_shard_step_torch(grad, exp_avg, bits, zeros, n_valid, beta1, beta2)
+
+
+def apply_signs_(param: Tensor, bits: Tensor, zeros: Tensor | None, lr: float, weight_decay: float,
+                 scale: float) -> None:
+    """Decode and apply signs in place; see :func:`_apply_signs_torch` for the contract."""
+    if (_use_cpu_ext(param) and bits.is_contiguous() and (zeros is None or zeros.is_contiguous())
+            and bits.numel() >= (param.numel() + 7) // 8
+            and (zeros is None or zeros.numel() >= (param.numel() + 7) // 8)):
+        from . import cpu_step
+        cpu_step.apply_signs_(param, bits, zeros, lr, weight_decay, scale)
+        return
+    _apply_signs_torch(param, bits, zeros, lr, weight_decay, scale)
+
+
+def _sign_shard_step_torch(
     grad: Tensor, exp_avg: Tensor, bits: Tensor, zeros: Tensor, n_valid: int, beta1: float, beta2: float
 ) -> Tensor:
     """One Lion-style local step on a flat shard.
@@ -47,8 +82,8 @@ def sign_shard_step_(
     return is_zero.any().to(torch.uint8)
 
 
-def apply_signs_(param: Tensor, bits: Tensor, zeros: Tensor | None, lr: float, weight_decay: float,
-                 scale: float) -> None:
+def _apply_signs_torch(param: Tensor, bits: Tensor, zeros: Tensor | None, lr: float, weight_decay: float,
+                       scale: float) -> None:
     """Decode ``param.numel()`` signs from ``bits`` (and ``zeros``) and apply them in place.
 
     ``param`` is any contiguous floating tensor; ``bits``/``zeros`` are uint8 with at least

@@ -21,6 +21,16 @@ from .dispatch import resolve_fused
 __all__ = ["Lion", "Leo", "leo_param_groups"]
 
 
+def _cpu_fast_path(params, grads, exp_avgs) -> bool:
+    """Whether the one-pass C step (:mod:`leo_dist.cpu_step`) can run this group's tensors.
+
+    It needs contiguous CPU float32/bfloat16 tensors and a working C compiler; otherwise the
+    foreach torch path runs, with the same results (bitwise for sign updates).
+    """
+    from . import cpu_step
+    return cpu_step.supports(*params, *grads, *exp_avgs) and cpu_step.available()
+
+
 class _MomentumSignOptimizer(Optimizer):
     """Shared plumbing of Lion and Leo: validation, state creation, the step loop."""
 
@@ -35,9 +45,25 @@ class _MomentumSignOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        check_hyperparameters(self.param_groups[-1])
-        for p in self.param_groups[-1]["params"]:
-            check_param(p)
+        try:
+            check_hyperparameters(self.param_groups[-1])
+            for p in self.param_groups[-1]["params"]:
+                check_param(p)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # a rejected group must not stay in the optimizer
+            raise
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch.optim casts floating state to each parameter's dtype on load; the momentum keeps
+        # ``momentum_dtype`` instead (fp32 momentum of bf16 parameters must not lose bits).
+        saved = {pid: s.get("exp_avg") for pid, s in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        ids = (pid for g in state_dict["param_groups"] for pid in g["params"])
+        params = (p for g in self.param_groups for p in g["params"])
+        for pid, p in zip(ids, params):
+            m = saved.get(pid)
+            if isinstance(m, torch.Tensor) and "exp_avg" in self.state.get(p, {}):
+                self.state[p]["exp_avg"] = m.to(device=p.device, dtype=self._momentum_dtype, copy=True)
 
     def _gather(self, group) -> tuple[list, list, list]:
         params, grads, exp_avgs = [], [], []
@@ -96,8 +122,12 @@ class Lion(_MomentumSignOptimizer):
             kernels.lion_step(params, grads, exp_avgs, lr=group["lr"], beta1=beta1, beta2=beta2,
                               weight_decay=group["weight_decay"], sign_scale=1.0)
             return
-        F.lion_update(params, grads, exp_avgs, lr=group["lr"], beta1=beta1, beta2=beta2,
-                      weight_decay=group["weight_decay"])
+        kw = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
+        if _cpu_fast_path(params, grads, exp_avgs):
+            from . import cpu_step
+            cpu_step.lion_step_(params, grads, exp_avgs, **kw)
+            return
+        F.lion_update(params, grads, exp_avgs, **kw)
 
 
 class Leo(_MomentumSignOptimizer):
@@ -127,6 +157,11 @@ class Leo(_MomentumSignOptimizer):
             kernels.leo_step(params, grads, exp_avgs, align_const=group["align_const"], eps=group["eps"],
                              orthogonalize=group["orthogonalize"], **kw)
             return
+        if _cpu_fast_path(params, grads, exp_avgs):
+            from . import cpu_step
+            cpu_step.leo_step_(params, grads, exp_avgs, align_const=group["align_const"], eps=group["eps"],
+                               orthogonalize=group["orthogonalize"], **kw)
+            return
         F.leo_update(params, grads, exp_avgs, align_const=group["align_const"], eps=group["eps"],
                      orthogonalize=group["orthogonalize"], **kw)
 
@@ -141,14 +176,16 @@ def leo_param_groups(model: nn.Module, weight_decay: float = 0.01) -> list[dict[
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    # A weight tied to an embedding (e.g. an LM head) is an embedding whichever module comes first.
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+                     for p in m.parameters(recurse=False)}
     matrices, rest, seen = [], [], set()
     for module in model.modules():
         for p in module.parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            is_embedding = isinstance(module, (nn.Embedding, nn.EmbeddingBag))
-            (matrices if p.ndim == 2 and not is_embedding else rest).append(p)
+            (matrices if p.ndim == 2 and id(p) not in embedding_ids else rest).append(p)
     groups = []
     if matrices:
         groups.append({"params": matrices, "orthogonalize": True, "weight_decay": weight_decay})

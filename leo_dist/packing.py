@@ -43,6 +43,8 @@ def pack_mask(mask: Tensor, out: Tensor | None = None) -> Tensor:
     if n == 0:
         return out
     full = n // 8
+    if flat.storage_offset() % 8:
+        flat = flat.clone()  # viewing bytes as int64 words needs an 8-byte aligned start
     if full:
         words = flat[: full * 8].view(torch.uint8).view(full, 8).contiguous().view(torch.int64).view(-1)
         out[:full].copy_(((words * _GATHER_BITS) >> 56) & 0xFF)
@@ -84,8 +86,10 @@ def unpack_signs(
     b = (bits.reshape(-1)[:nb].unsqueeze(1) >> _shifts(bits.device)) & 1
     sign = b.reshape(-1)[:n].to(dtype).mul_(2).sub_(1)
     if zeros is not None:
-        if zeros.dtype != torch.uint8 or zeros.numel() < nb:
-            raise ValueError("zeros must be a uint8 bitmap with as many bytes as bits")
+        if zeros.dtype != torch.uint8:
+            raise TypeError(f"zeros must be uint8, got {zeros.dtype}")
+        if zeros.numel() < nb:
+            raise ValueError(f"zeros holds {zeros.numel()} bytes, too few for n={n}")
         z = ((zeros.reshape(-1)[:nb].unsqueeze(1) >> _shifts(zeros.device)) & 1).reshape(-1)[:n]
         sign.masked_fill_(z.bool(), 0)
     return sign

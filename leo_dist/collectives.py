@@ -1,0 +1,189 @@
+"""The collectives a sharded step uses, with byte accounting.
+
+``Comm`` wraps a process group (or a world of one with no group at all) and counts, per collective
+kind, the bytes of the tensors that went in and out and the bytes this rank puts on / takes off
+the wire under the ideal algorithm (ring all-gather and all-reduce, direct all-to-all):
+
+================  ===================  ===================
+kind              sent per rank         received per rank
+================  ===================  ===================
+reduce_scatter    (W−1)/W · input       (W−1)/W · input
+all_gather        (W−1) · input         (W−1) · input
+all_reduce        2(W−1)/W · input      2(W−1)/W · input
+broadcast         input (root), else 0  input (non-root)
+all_to_all        (W−1)/W · input       (W−1)/W · input
+================  ===================  ===================
+
+Reduce-scatter on gloo: gloo's ``reduce_scatter_tensor`` moves as many bytes as an all-reduce
+(SPEC §5), so on gloo it is an ``all_to_all_single`` followed by a local sum of the W received
+chunks in rank order (which also makes the sum deterministic); on NCCL ``reduce_scatter_tensor``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["Comm", "CommStats"]
+
+# torch 2.13 renamed all_gather_into_tensor (and deprecated the old name); older releases lack the new one.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+KINDS = ("reduce_scatter", "all_gather", "all_reduce", "broadcast", "all_to_all")
+
+
+@dataclass
+class _Count:
+    calls: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    sent: int = 0
+    received: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(calls=self.calls, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                    sent=self.sent, received=self.received)
+
+
+class CommStats:
+    """Per-kind byte counts for the step in progress, the last finished step, and the total."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, _Count] = defaultdict(_Count)
+        self.last: dict[str, _Count] = {}
+        self.total: dict[str, _Count] = defaultdict(_Count)
+        self.steps = 0
+
+    def add(self, kind: str, bytes_in: int, bytes_out: int, sent: int, received: int) -> None:
+        for table in (self.current, self.total):
+            c = table[kind]
+            c.calls += 1
+            c.bytes_in += bytes_in
+            c.bytes_out += bytes_out
+            c.sent += sent
+            c.received += received
+
+    def end_step(self) -> None:
+        self.last = dict(self.current)
+        self.current = defaultdict(_Count)
+        self.steps += 1
+
+    def report(self) -> dict:
+        def table(t):
+            d = {k: v.as_dict() for k, v in t.items()}
+            d["sum"] = {f: sum(v[f] for v in d.values()) for f in ("calls", "bytes_in", "bytes_out", "sent", "received")}
+            return d
+        return {"last_step": table(self.last), "total": table(self.total), "steps": self.steps}
+
+
+class _Done:
+    """A finished 'work' handle, for worlds of one."""
+
+    def wait(self, *args) -> bool:
+        return True
+
+
+class Comm:
+    """Collectives over ``group`` (``None`` with no initialised default group: a world of 1)."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.stats = CommStats()
+        if group is None and dist.is_available() and dist.is_initialized():
+            group = dist.group.WORLD
+        self.group = group
+        if group is None:
+            self.world, self.rank, self.backend = 1, 0, "none"
+        else:
+            self.world = dist.get_world_size(group)
+            self.rank = dist.get_rank(group)
+            self.backend = str(dist.get_backend(group)).lower()
+
+    @property
+    def distributed(self) -> bool:
+        return self.group is not None and self.world > 1
+
+    def _count(self, kind: str, t_in: Tensor, t_out: Tensor, sent: float, received: float) -> None:
+        self.stats.add(kind, t_in.numel() * t_in.element_size(), t_out.numel() * t_out.element_size(),
+                       int(sent), int(received))
+
+    def reduce_scatter_start(self, inp: Tensor, scratch: Tensor | None = None) -> Callable[[], Tensor]:
+        """Start summing ``inp`` (1-D, ``W·S`` elements) across ranks; rank r gets chunk r.
+
+        Returns a function that waits and gives the float32 sum, ``S`` elements (not yet divided
+        by W: the caller averages once). ``scratch``, if given, is a buffer like ``inp`` for the
+        received chunks.
+        """
+        w = self.world
+        s = inp.numel() // w
+        moved = (w - 1) * s * inp.element_size()
+        if not self.distributed:
+            out = inp.float() if inp.dtype != torch.float32 else inp
+            return lambda: out
+        if self.backend == "nccl":
+            out = torch.empty(s, dtype=inp.dtype, device=inp.device)
+            work = dist.reduce_scatter_tensor(out, inp, group=self.group, async_op=True)
+            self._count("reduce_scatter", inp, out, moved, moved)
+
+            def finish_nccl() -> Tensor:
+                work.wait()
+                return out.float()
+            return finish_nccl
+        recv = scratch if scratch is not None else torch.empty_like(inp)
+        work = dist.all_to_all_single(recv, inp, group=self.group, async_op=True)
+        self._count("reduce_scatter", inp, recv, moved, moved)
+
+        def finish() -> Tensor:
+            work.wait()
+            chunks = recv.view(w, s)
+            total = chunks[0].float() if chunks.dtype != torch.float32 else chunks[0].clone()
+            for i in range(1, w):
+                total.add_(chunks[i])
+            return total
+        return finish
+
+    def all_gather(self, out: Tensor, inp: Tensor) -> None:
+        """``out`` (``W·len(inp)``) ← the ``inp`` of every rank, in rank order."""
+        if not self.distributed:
+            out.copy_(inp)
+            return
+        _all_gather_single(out, inp, group=self.group)
+        moved = (self.world - 1) * inp.numel() * inp.element_size()
+        self._count("all_gather", inp, out, moved, moved)
+
+    def all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> None:
+        """In place over all ranks (SUM unless ``op`` says otherwise)."""
+        if not self.distributed:
+            return
+        dist.all_reduce(t, op=op, group=self.group)
+        moved = 2 * (self.world - 1) * t.numel() * t.element_size() // self.world
+        self._count("all_reduce", t, t, moved, moved)
+
+    def all_reduce_start(self, t: Tensor, op=dist.ReduceOp.SUM):
+        """Asynchronous :meth:`all_reduce`; returns a work handle (``.wait()``)."""
+        if not self.distributed:
+            return _Done()
+        work = dist.all_reduce(t, op=op, group=self.group, async_op=True)
+        moved = 2 * (self.world - 1) * t.numel() * t.element_size() // self.world
+        self._count("all_reduce", t, t, moved, moved)
+        return work
+
+    def broadcast(self, t: Tensor, src_rank: int = 0) -> None:
+        """In place, from group rank ``src_rank``."""
+        if not self.distributed:
+            return
+        dist.broadcast(t, src=dist.get_global_rank(self.group, src_rank), group=self.group)
+        n = t.numel() * t.element_size()
+        self._count("broadcast", t, t, n if self.rank == src_rank else 0, 0 if self.rank == src_rank else n)
+
+    def all_to_all(self, out: Tensor, inp: Tensor) -> None:
+        """``all_to_all_single`` with equal splits."""
+        if not self.distributed:
+            out.copy_(inp)
+            return
+        dist.all_to_all_single(out, inp, group=self.group)
+        moved = (self.world - 1) * inp.numel() * inp.element_size() // self.world
+        self._count("all_to_all", inp, out, moved, moved)

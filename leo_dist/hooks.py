@@ -1,0 +1,120 @@
+"""DDP communication hook: DDP's all-reduce replaced by the sharded optimizer's reduce-scatter.
+
+``attach(ddp_model, optimizer)`` registers :func:`reduce_scatter_hook`. As DDP hands over each of
+its buckets during backward, the hook copies the gradients of the optimizer's parameters into the
+optimizer's own buckets and starts each bucket's reduce-scatter as soon as it is complete, so the
+exchange overlaps the rest of backward; ``optimizer.step()`` then waits for it, steps the shard and
+all-gathers the 1-bit update. Gradients of parameters the optimizer does not hold (say embeddings
+trained by AdamW, see :func:`leo_dist.average_gradients`) are all-reduced and averaged exactly once,
+as plain DDP would.
+
+What ``.grad`` holds while the hook is active: for the optimizer's parameters, this rank's *local*
+(unaveraged) gradient — the average exists only in shards, on their owners. Clip with
+``optimizer.clip_grad_norm_`` (which works on the averaged shards), not
+``torch.nn.utils.clip_grad_norm_``. For other parameters, the averaged gradient, as with DDP.
+
+The hook maps DDP's gradients to the optimizer by parameter identity, so it does not care how
+DDP buckets them or that DDP rebuilds its buckets after the first iteration. Under
+``ddp_model.no_sync()`` DDP calls no hook; the first backward outside it sends the accumulated
+gradients, once.
+"""
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["attach", "reduce_scatter_hook", "HookState", "check_not_under_plain_ddp"]
+
+
+class HookState:
+    """State of :func:`reduce_scatter_hook`: the sharded optimizer that receives the gradients."""
+
+    def __init__(self, optimizer: Any):
+        from .sharded import _ShardedOptimizer
+
+        if not isinstance(optimizer, _ShardedOptimizer):
+            raise TypeError("the leo_dist DDP hook needs a leo_dist.ShardedLeo or ShardedLion optimizer, got "
+                            f"{type(optimizer).__name__}")
+        self.optimizer = optimizer
+
+
+def reduce_scatter_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """DDP comm hook (``ddp_model.register_comm_hook(state, reduce_scatter_hook)``); see the module doc."""
+    opt = state.optimizer
+    comm = opt._comm
+    buf = bucket.buffer()
+    foreign: list[Tensor] = []
+    for p, g in zip(bucket.parameters(), bucket.gradients()):
+        where = opt._where.get(id(p))
+        if where is None:
+            foreign.append(g)
+        else:
+            opt._stage(where[0], where[1], g)
+    if not foreign:
+        fut: torch.futures.Future[Tensor] = torch.futures.Future()
+        fut.set_result(buf)
+        return fut
+    flat = torch.cat([g.reshape(-1) for g in foreign])
+    flat.div_(comm.world)
+    if not comm.distributed:
+        fut = torch.futures.Future()
+        fut.set_result(buf)
+        return fut
+    work = comm.all_reduce_start(flat)
+
+    def write_back(_: Any) -> Tensor:
+        pos = 0
+        for g in foreign:
+            g.copy_(flat[pos : pos + g.numel()].view_as(g))
+            pos += g.numel()
+        return buf
+
+    return work.get_future().then(write_back)
+
+
+def attach(ddp_model: DistributedDataParallel, optimizer: Any) -> HookState:
+    """Register :func:`reduce_scatter_hook` on ``ddp_model`` for ``optimizer``; returns its state.
+
+    Raises ``TypeError`` when ``ddp_model`` is not a DDP module or ``optimizer`` not a sharded
+    leo_dist optimizer, and ``ValueError`` when the optimizer holds parameters the model does not,
+    or its process group differs in size from DDP's.
+    """
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise TypeError(f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model).__name__}")
+    state = HookState(optimizer)
+    model_params = {id(p) for p in ddp_model.parameters() if p.requires_grad}
+    missing = [i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])
+               if id(p) not in model_params]
+    if missing:
+        raise ValueError(f"the optimizer holds {len(missing)} parameter(s) (indices {missing[:5]}...) that the DDP "
+                         "model does not train; build the optimizer over ddp_model's parameters")
+    ddp_world = dist.get_world_size(ddp_model.process_group)
+    if ddp_world != optimizer.world_size:
+        raise ValueError(f"DDP's process group has {ddp_world} ranks, the optimizer's {optimizer.world_size}")
+    if ddp_model._comm_hooks:
+        raise RuntimeError("ddp_model already has a communication hook; DDP allows only one")
+    ddp_model.register_comm_hook(state, reduce_scatter_hook)
+    optimizer._hook_attached = True
+    return state
+
+
+def check_not_under_plain_ddp(optimizer: Any) -> None:
+    """Raise if a DDP module without the leo_dist hook trains the optimizer's parameters.
+
+    Such a model already all-reduces every gradient; stepping the sharded optimizer on top would
+    send them a second time. Run once, at the first step (it walks the garbage collector's list).
+    """
+    mine = set(optimizer._where)
+    for obj in gc.get_objects():
+        if isinstance(obj, DistributedDataParallel):
+            if any(id(p) in mine for p in obj.parameters()):
+                if not any(h is reduce_scatter_hook for h, _ in obj._comm_hooks):
+                    raise RuntimeError(
+                        "these parameters belong to a DistributedDataParallel model that all-reduces their "
+                        "gradients with its default hook; call leo_dist.hooks.attach(ddp_model, optimizer) "
+                        "so that DDP reduce-scatters into the optimizer instead of sending them twice")

@@ -1,0 +1,524 @@
+"""ZeRO-style sharded Lion and Leo with 1-bit packed updates (SPEC §2).
+
+Every rank keeps a full replica of the parameters and 1/W of the momentum. One step:
+
+1. reduce-scatter: each bucket's gradients, flattened in the wire dtype (fp32 or bf16), are
+   summed across ranks into the owner's shard (gloo: all-to-all + local sum; NCCL:
+   reduce_scatter_tensor) and divided by W once. Sends ``(W−1)/W·N·wire_bytes`` per rank.
+2. local step on the shard: momentum, ``c``, and the update. Leo's matrices complete their row
+   and column norms with one all-reduce of ``Σ(rows+cols)`` floats and their RMS with one of a
+   float per matrix.
+3. all-gather: sign buckets send ``S/8`` bytes of packed bits plus an 8-byte header per rank
+   (and, only when some ``c`` is exactly 0, a second all-gather of the ``S/8``-byte zero
+   bitmaps); Leo's matrix buckets send their update in the parameter dtype. Every rank decodes
+   and applies ``p ← p·(1−lr·wd) − lr·update`` to its replica, from the same bytes with the same
+   arithmetic, so replicas stay bitwise identical.
+
+A parameter whose ``.grad`` is None on a rank contributes a zero gradient (the sharded step
+cannot skip a parameter unless every rank agrees it has no gradient; unlike the single-process
+optimizers it still decays and its momentum still moves).
+
+Transient memory: at most two buckets' send and receive buffers at once, plus the float32
+gradient shards (N/W elements) between the exchange and the step.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from collections import deque
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import functional as F
+from . import local_step
+from .collectives import Comm
+from .dispatch import resolve_fused
+from .matrix import MatrixSlice, NormLayout, add_row_col_sumsq_, direction_
+from .partition import Bucket, Slot, build_buckets
+from .validation import check_grad, check_hyperparameters, check_momentum_dtype, check_param
+
+__all__ = ["ShardedLion", "ShardedLeo"]
+
+_GRAD_COMMS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_MAX_INFLIGHT = 2
+_HEADER = 8  # bytes after each rank's packed bits: byte 0 says "this shard has exact zeros"
+
+
+def _bit_slice(bits: Tensor, offset: int, n: int) -> Tensor:
+    """Bytes whose bit 0 is bit ``offset`` of ``bits``, covering ``n`` bits (a view when aligned)."""
+    q, r = divmod(offset, 8)
+    nb = (n + 7) // 8
+    if r == 0:
+        return bits[q : q + nb]
+    seg = bits[q : q + nb + 1].to(torch.int32)
+    if seg.numel() < nb + 1:
+        seg = torch.cat([seg, seg.new_zeros(nb + 1 - seg.numel())])
+    return (((seg[:-1] >> r) | (seg[1:] << (8 - r))) & 0xFF).to(torch.uint8)
+
+
+class _ShardedOptimizer(Optimizer):
+    _leo = False
+
+    def __init__(self, params, defaults: dict[str, Any], *, process_group, grad_comm: str, update_comm: str,
+                 bucket_mb: float, momentum_dtype, fused, sync_params: bool):
+        if grad_comm == "1bit" or update_comm == "1bit":
+            raise NotImplementedError("grad_comm='1bit' and update_comm='1bit' are not implemented in this "
+                                      "version; use grad_comm='fp32' or 'bf16' and update_comm='exact'")
+        if grad_comm not in _GRAD_COMMS:
+            raise ValueError(f"grad_comm must be one of {sorted(_GRAD_COMMS)} (or '1bit'), got {grad_comm!r}")
+        if update_comm != "exact":
+            raise ValueError(f"update_comm must be 'exact' (or '1bit'), got {update_comm!r}")
+        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be a positive number, got {bucket_mb!r}")
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
+                            f"{type(process_group).__name__}")
+        check_hyperparameters(defaults)
+        self._momentum_dtype = check_momentum_dtype(momentum_dtype)
+        self.grad_comm, self.update_comm = grad_comm, update_comm
+        self._wire = _GRAD_COMMS[grad_comm]
+        self._frozen = False
+        super().__init__(params, defaults)
+        self._frozen = True
+
+        flat = [p for g in self.param_groups for p in g["params"]]
+        for p in flat:
+            check_param(p)
+        devices = {p.device for p in flat}
+        if len(devices) > 1:
+            raise ValueError(f"params must all be on one device, got {sorted(map(str, devices))}")
+        self._device = flat[0].device
+        self._comm = Comm(process_group)
+        self._fused = resolve_fused(fused, flat)
+
+        entries, index = [], 0
+        for group in self.param_groups:
+            rows = []
+            for p in group["params"]:
+                matrix = self._leo and group["orthogonalize"] and p.ndim == 2
+                rows.append((index, p, "matrix" if matrix else "sign"))
+                index += 1
+            entries.append(rows)
+        self._buckets: list[Bucket] = build_buckets(entries, self._comm.world, int(bucket_mb * 2**20))
+        self._where: dict[int, tuple[int, Slot]] = {}
+        for bi, b in enumerate(self._buckets):
+            for s in b.slots:
+                self._where[id(s.param)] = (bi, s)
+        self._check_same_layout_everywhere()
+        if sync_params:
+            self._broadcast_params()
+        self._init_state()
+        self._reset_exchange()
+        self._hook_attached = False
+        self._ddp_checked = False
+
+    # ----------------------------------------------------------------- layout and state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_frozen", False):
+            raise RuntimeError("sharded optimizers fix their bucket layout at construction; add_param_group "
+                               "afterwards is not supported: build a new optimizer with every group")
+        super().add_param_group(param_group)
+        check_hyperparameters(self.param_groups[-1])
+
+    def _check_same_layout_everywhere(self) -> None:
+        """Fail on every rank, instead of hanging, when ranks disagree on the parameters."""
+        desc = []
+        for g in self.param_groups:
+            hyper = {k: v for k, v in g.items() if k != "params"}
+            desc.append((sorted(hyper.items(), key=lambda kv: kv[0]),
+                         [(tuple(p.shape), str(p.dtype)) for p in g["params"]]))
+        params_crc = zlib.crc32(repr([d[1] for d in desc]).encode())
+        hyper_crc = zlib.crc32(repr([d[0] for d in desc]).encode())
+        n_params = sum(len(g["params"]) for g in self.param_groups)
+        mine = torch.tensor([n_params, len(self.param_groups), params_crc, hyper_crc, self._comm.world],
+                            dtype=torch.int64, device=self._device)
+        if not self._comm.distributed:
+            return
+        table = torch.empty(self._comm.world * mine.numel(), dtype=torch.int64, device=self._device)
+        self._comm.all_gather(table, mine)
+        table = table.view(self._comm.world, -1).cpu()
+        bad = [r for r in range(self._comm.world) if not torch.equal(table[r], table[0])]
+        if bad:
+            what = "parameter list (count, shapes or dtypes)" if any(
+                table[r, :3].ne(table[0, :3]).any() for r in bad) else "param-group hyperparameters"
+            raise ValueError(f"ranks disagree on the {what}: rank 0 has {table[0].tolist()[:2]} (params, groups), "
+                             f"ranks {bad} differ; every rank must build the optimizer over the same model")
+
+    @torch.no_grad()
+    def _broadcast_params(self) -> None:
+        """Make every replica equal to rank 0's, as DDP does at construction."""
+        if not self._comm.distributed:
+            return
+        for b in self._buckets:
+            buf = torch.cat([s.param.detach().reshape(-1) for s in b.slots])
+            self._comm.broadcast(buf, 0)
+            for s in b.slots:
+                s.param.copy_(buf[s.offset : s.offset + s.numel].view_as(s.param))
+
+    def _init_state(self) -> None:
+        rank = self._comm.rank
+        self._momentum: list[Tensor] = []
+        for b in self._buckets:
+            m = torch.zeros(b.shard, dtype=self._momentum_dtype, device=self._device)
+            self._momentum.append(m)
+            lo, hi = b.shard_range(rank)
+            for s in b.slots:
+                a, e = s.owned(lo, hi)
+                base = s.offset + a - lo
+                self.state[s.param] = {"exp_avg": m[base : base + (e - a)], "shard_range": (a, e)}
+        # Leo's matrices: one entry per matrix in the shared norm buffer, and this rank's slices.
+        shapes, self._slices = [], {}
+        for bi, b in enumerate(self._buckets):
+            if b.kind != "matrix":
+                continue
+            lo, hi = b.shard_range(rank)
+            for s in b.slots:
+                r, c = s.param.shape
+                j = len(shapes)
+                shapes.append((r, c))
+                a, e = s.owned(lo, hi)
+                if a < e:
+                    self._slices.setdefault(bi, []).append((s, MatrixSlice(j, r, c, a, e)))
+        self._norm_layout = NormLayout(shapes)
+        self._matrix_numel = [r * c for r, c in shapes]
+
+    # ----------------------------------------------------------------- gradient exchange
+    def _reset_exchange(self) -> None:
+        n = len(self._buckets)
+        self._send: list[Tensor | None] = [None] * n
+        self._arrived: list[set] = [set() for _ in range(n)]
+        self._pending: list[Callable[[], Tensor] | None] = [None] * n
+        self._shards: list[Tensor | None] = [None] * n
+        self._inflight: deque[int] = deque()
+        self._clipped = False
+
+    def _stage(self, bi: int, slot: Slot, grad: Tensor | None) -> None:
+        """Copy one parameter's local gradient into its bucket; send the bucket once complete."""
+        b = self._buckets[bi]
+        if self._pending[bi] is not None or self._shards[bi] is not None:
+            raise RuntimeError("a gradient arrived for a bucket already sent this step: call step() after "
+                               "each backward, or accumulate under ddp_model.no_sync()")
+        if self._send[bi] is None:
+            buf = torch.empty(b.padded, dtype=self._wire, device=self._device)
+            buf[b.numel :].zero_()
+            self._send[bi] = buf
+        dst = self._send[bi][slot.offset : slot.offset + slot.numel]
+        if grad is None:
+            dst.zero_()
+        else:
+            dst.copy_(grad.reshape(-1))
+        self._arrived[bi].add(slot.offset)
+        if len(self._arrived[bi]) == len(b.slots):
+            self._launch(bi)
+
+    def _launch(self, bi: int) -> None:
+        while len(self._inflight) >= _MAX_INFLIGHT:
+            self._finish(self._inflight.popleft())
+        self._pending[bi] = self._comm.reduce_scatter_start(self._send[bi])
+        self._inflight.append(bi)
+
+    def _finish(self, bi: int) -> None:
+        total = self._pending[bi]()
+        if self._comm.world > 1:
+            total.div_(self._comm.world)
+        self._shards[bi] = total
+        self._pending[bi] = None
+        self._send[bi] = None
+
+    def _reduced_gradients(self) -> list[Tensor]:
+        """The averaged gradient shard of every bucket (float32, ``bucket.shard`` elements each),
+        exchanging whatever the DDP hook has not already sent."""
+        for bi, b in enumerate(self._buckets):
+            if self._pending[bi] is None and self._shards[bi] is None:
+                for s in b.slots:
+                    if s.offset not in self._arrived[bi]:
+                        if s.param.grad is not None:
+                            check_grad(s.param)
+                        self._stage(bi, s, s.param.grad)
+        while self._inflight:
+            self._finish(self._inflight.popleft())
+        return self._shards  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
+        """Clip the averaged gradients (the ones the step will use) to a global norm.
+
+        Collective: every rank must call it, after backward and before :meth:`step`. Triggers the
+        gradient exchange if the DDP hook has not. Returns the total norm before clipping (as
+        ``torch.nn.utils.clip_grad_norm_`` does). Sends one float.
+        """
+        max_norm = float(max_norm)
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        norm_type = float(norm_type)
+        if not (norm_type == math.inf or norm_type > 0):
+            raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
+        shards = self._reduced_gradients()
+        if norm_type == math.inf:
+            local = torch.stack([s.abs().max() if s.numel() else s.new_zeros(()) for s in shards]).max()
+            self._comm.all_reduce(local, dist.ReduceOp.MAX)
+            total = local
+        else:
+            local = torch.stack([s.abs().pow(norm_type).sum() for s in shards]).sum()
+            self._comm.all_reduce(local)
+            total = local.pow(1.0 / norm_type)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite")
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for s in shards:
+            s.mul_(coef)
+        return total
+
+    # ----------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """One optimisation step on every rank (collective). See the module docstring for phases."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._ddp_checked:
+            self._ddp_checked = True
+            if not self._hook_attached and self._comm.distributed:
+                from .hooks import check_not_under_plain_ddp
+                check_not_under_plain_ddp(self)
+        shards = self._reduced_gradients()
+        matrix = [bi for bi, b in enumerate(self._buckets) if b.kind == "matrix"]
+        if matrix:
+            self._matrix_step(matrix, shards)
+        for bi, b in enumerate(self._buckets):
+            if b.kind == "sign":
+                self._sign_step(bi, b, shards[bi])
+        self._reset_exchange()
+        self._comm.stats.end_step()
+        return loss
+
+    def _group(self, b: Bucket) -> dict[str, Any]:
+        return self.param_groups[b.group_index]
+
+    def _sign_step(self, bi: int, b: Bucket, grad: Tensor) -> None:
+        group = self._group(b)
+        beta1, beta2 = group["betas"]
+        nb = b.shard // 8
+        send = torch.zeros(nb + _HEADER, dtype=torch.uint8, device=self._device)
+        zeros = torch.empty(nb, dtype=torch.uint8, device=self._device)
+        backend = self._backend()
+        flag = backend.sign_shard_step_(grad, self._momentum[bi], send[:nb], zeros,
+                                        b.valid_in_shard(self._comm.rank), beta1, beta2)
+        send[nb] = flag
+        world = self._comm.world
+        gathered = torch.empty(world * (nb + _HEADER), dtype=torch.uint8, device=self._device)
+        self._comm.all_gather(gathered, send)
+        table = gathered.view(world, nb + _HEADER)
+        bits = table[:, :nb].reshape(-1)
+        zbits = None
+        if bool(table[:, nb].any()):
+            zbits = torch.empty(world * nb, dtype=torch.uint8, device=self._device)
+            self._comm.all_gather(zbits, zeros)
+        scale = group["align_const"] if self._leo else 1.0
+        lr, wd = group["lr"], group["weight_decay"]
+        for s in b.slots:
+            if s.numel == 0:
+                continue
+            z = None if zbits is None else _bit_slice(zbits, s.offset, s.numel)
+            self._apply(s.param, lambda p: backend.apply_signs_(p, _bit_slice(bits, s.offset, s.numel), z,
+                                                                lr, wd, scale))
+
+    @staticmethod
+    def _apply(param: Tensor, fn: Callable[[Tensor], None]) -> None:
+        if param.is_contiguous():
+            fn(param.data)
+        else:
+            tmp = param.data.contiguous()
+            fn(tmp)
+            param.data.copy_(tmp)
+
+    def _backend(self):
+        if self._fused:
+            from . import kernels
+            return kernels
+        return local_step
+
+    def _matrix_step(self, matrix: list[int], shards: list[Tensor]) -> None:
+        layout = self._norm_layout
+        sumsq = torch.zeros(layout.size, dtype=torch.float32, device=self._device)
+        cs: dict[int, Tensor] = {}
+        lo_of = {}
+        for bi in matrix:
+            b = self._buckets[bi]
+            beta1, beta2 = self._group(b)["betas"]
+            g, m = shards[bi], self._momentum[bi]
+            c = F.interpolate(m, g, beta1)
+            F.update_momentum_(m, g, beta2)
+            cs[bi] = c
+            lo_of[bi] = b.shard_range(self._comm.rank)[0]
+            for s, sl in self._slices.get(bi, []):
+                base = s.offset + sl.start - lo_of[bi]
+                add_row_col_sumsq_(c[base : base + sl.end - sl.start], sl, layout, sumsq)
+        self._comm.all_reduce(sumsq)
+        norms = sumsq.sqrt_()
+        usq = torch.zeros(len(self._matrix_numel), dtype=torch.float32, device=self._device)
+        for bi in matrix:
+            eps = self._group(self._buckets[bi])["eps"]
+            for s, sl in self._slices.get(bi, []):
+                base = s.offset + sl.start - lo_of[bi]
+                usq[sl.matrix] += direction_(cs[bi][base : base + sl.end - sl.start], sl, layout, norms, eps)
+        self._comm.all_reduce(usq)
+        world = self._comm.world
+        for bi in matrix:
+            b = self._buckets[bi]
+            group = self._group(b)
+            c = cs.pop(bi)
+            for s, sl in self._slices.get(bi, []):
+                base = s.offset + sl.start - lo_of[bi]
+                scale = F.leo_scale(usq[sl.matrix], self._matrix_numel[sl.matrix], group["align_const"], group["eps"])
+                c[base : base + sl.end - sl.start].mul_(scale)
+            c[b.valid_in_shard(self._comm.rank):] = 0
+            send = c.to(b.dtype)
+            full = torch.empty(world * b.shard, dtype=b.dtype, device=self._device)
+            self._comm.all_gather(full, send)
+            for s in b.slots:
+                if s.numel:
+                    upd = full[s.offset : s.offset + s.numel]
+                    self._apply(s.param, lambda p: F.apply_update_(p, upd, group["lr"], group["weight_decay"]))
+
+    # ----------------------------------------------------------------- introspection
+    def comm_stats(self) -> dict:
+        """Bytes per collective kind: ``{"last_step": {kind: {...}, "sum": {...}}, "total": ..., "steps": n}``.
+
+        Each kind reports ``calls``, ``bytes_in``/``bytes_out`` (sizes of the tensors given to and
+        returned by the collectives) and ``sent``/``received`` (what this rank moves under the
+        ideal algorithm; see :mod:`leo_dist.collectives`). ``last_step`` covers the exchange and
+        update of the last completed :meth:`step`.
+        """
+        return self._comm.stats.report()
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world
+
+    @torch.no_grad()
+    def verify_replicas(self) -> bool:
+        """Collective: True when every rank's parameters are bitwise equal to rank 0's.
+
+        Sends two int64 checksums per parameter per rank (an all-gather).
+        """
+        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+        sums = []
+        for g in self.param_groups:
+            for p in g["params"]:
+                x = p.detach().reshape(-1).view(ints[p.element_size()]).to(torch.int64)
+                w = torch.arange(x.numel(), device=x.device, dtype=torch.int64) % 65521 + 1
+                sums.append(torch.stack([x.sum(), (x * w).sum()]))
+        mine = torch.stack(sums).reshape(-1) if sums else torch.zeros(0, dtype=torch.int64, device=self._device)
+        if not self._comm.distributed:
+            return True
+        table = torch.empty(self._comm.world * mine.numel(), dtype=torch.int64, device=self._device)
+        self._comm.all_gather(table, mine)
+        table = table.view(self._comm.world, -1)
+        return bool((table == table[0]).all())
+
+    # ----------------------------------------------------------------- checkpoints
+    @torch.no_grad()
+    def state_dict(self) -> dict[str, Any]:
+        """The full, world-size independent state (collective: every rank must call it).
+
+        Same layout as the single-process :class:`~leo_dist.Leo`/:class:`~leo_dist.Lion`:
+        ``state[i]["exp_avg"]`` is parameter ``i``'s whole momentum, shaped like it, in the momentum
+        dtype, gathered from its owners (an all-gather of ``N`` momentum elements), so it loads into
+        a sharded optimizer at any world size or into the single-process optimizer.
+        """
+        world = self._comm.world
+        state: dict[int, dict[str, Tensor]] = {}
+        for bi, b in enumerate(self._buckets):
+            full = torch.empty(world * b.shard, dtype=self._momentum_dtype, device=self._device)
+            self._comm.all_gather(full, self._momentum[bi])
+            for s in b.slots:
+                state[s.index] = {"exp_avg": full[s.offset : s.offset + s.numel].clone().view_as(s.param)}
+        groups, index = [], 0
+        for g in self.param_groups:
+            d = {k: v for k, v in g.items() if k != "params"}
+            d["params"] = list(range(index, index + len(g["params"])))
+            index += len(g["params"])
+            groups.append(d)
+        return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict` (any world size) or from the single-process optimizer.
+
+        Hyperparameters of each group are restored; each rank keeps only its shard of the momentum.
+        Parameters with no saved state keep zero momentum.
+        """
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups) if isinstance(groups, list) else 'no'} param groups, "
+                             f"this optimizer has {len(self.param_groups)}")
+        for mine, saved in zip(self.param_groups, groups):
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError("state_dict's param groups hold different numbers of parameters")
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in groups for i in g["params"]]
+        by_pos = {pos: i for pos, i in enumerate(saved_ids)}
+        state = state_dict.get("state", {})
+        for pos, p in enumerate(params):
+            entry = state.get(by_pos[pos])
+            if entry is None or "exp_avg" not in entry:
+                continue
+            full = entry["exp_avg"]
+            if full.numel() != p.numel():
+                raise ValueError(f"saved exp_avg of parameter {pos} has {full.numel()} elements, the parameter "
+                                 f"has {p.numel()}")
+            a, e = self.state[p]["shard_range"]
+            self.state[p]["exp_avg"].copy_(full.reshape(-1)[a:e])
+        for mine, saved in zip(self.param_groups, groups):
+            for k, v in saved.items():
+                if k != "params":
+                    mine[k] = v
+
+
+class ShardedLion(_ShardedOptimizer):
+    """Lion with momentum sharded across ``process_group`` and 1-bit packed updates.
+
+    Args: as :class:`leo_dist.Lion` (``lr=1e-4, betas=(0.9, 0.99), weight_decay=0``), plus
+        process_group: the data-parallel group; None means the default group when one is
+            initialised, else a world of 1 with no collectives.
+        grad_comm: gradient wire dtype, "fp32" (default, exact) or "bf16".
+        bucket_mb: bucket size in MiB of fp32 gradient (default 25).
+        momentum_dtype: float32 (default) or bfloat16.
+        fused: None/True/False, as for :class:`leo_dist.Lion`.
+        sync_params: broadcast rank 0's parameters at construction (default True), as DDP does.
+    """
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
+                 process_group=None, grad_comm: str = "fp32", bucket_mb: float = 25,
+                 momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
+                        weight_decay=weight_decay)
+        super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm, update_comm="exact",
+                         bucket_mb=bucket_mb, momentum_dtype=momentum_dtype, fused=fused, sync_params=sync_params)
+
+
+class ShardedLeo(_ShardedOptimizer):
+    """Leo with momentum sharded across ``process_group``; sign updates travel as packed bits,
+    matrix updates (``update_comm="exact"``) in the parameter dtype.
+
+    Args: as :class:`leo_dist.Leo` (``lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01,
+    align_const=0.2, eps=1e-8``, group key ``orthogonalize``) and as :class:`ShardedLion`.
+    """
+
+    _leo = True
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.99), weight_decay: float = 0.01,
+                 align_const: float = 0.2, eps: float = 1e-8, *, orthogonalize: bool = True, process_group=None,
+                 grad_comm: str = "fp32", update_comm: str = "exact", bucket_mb: float = 25,
+                 momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
+                        weight_decay=weight_decay, align_const=align_const, eps=eps, orthogonalize=orthogonalize)
+        super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm,
+                         update_comm=update_comm, bucket_mb=bucket_mb, momentum_dtype=momentum_dtype, fused=fused,
+                         sync_params=sync_params)

@@ -1,0 +1,240 @@
+"""ShardedLion / ShardedLeo against the single-process oracle, on gloo, W = 1..4."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import leo_dist
+from conftest import run_ranks
+from dist_util import (SHAPES, averaged_grad, groups_for, local_grad, make_params, oracle_run, params_hash,
+                       rel_err)
+
+STEPS = 20
+
+
+def _train(rank, world, kind, steps, dyadic, bucket_mb, grad_comm, dtype=torch.float32):
+    params = make_params(dtype=dtype)
+    cls = leo_dist.ShardedLeo if kind == "leo" else leo_dist.ShardedLion
+    opt = cls(groups_for(params, kind), bucket_mb=bucket_mb, grad_comm=grad_comm)
+    hashes = []
+    for step in range(steps):
+        for p in params:
+            p.grad = local_grad(step, rank, p.shape, dyadic).to(dtype)
+        opt.step()
+        hashes.append(params_hash(params))
+    momentum = sum(m.numel() for m in opt._momentum)
+    layout = [(b.kind, b.numel, b.padded, b.shard) for b in opt._buckets]
+    return dict(params=[p.detach().clone() for p in params], hashes=hashes, momentum=momentum, layout=layout,
+                stats=opt.comm_stats(), replicas=opt.verify_replicas())
+
+
+# bucket_mb=1e-4 (~26 fp32 elements) makes many small buckets: boundaries everywhere, empty shards.
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("kind", ["lion", "leo"])
+@pytest.mark.parametrize("bucket_mb", [1e-4, 25])
+def test_parity_with_oracle(world, kind, bucket_mb):
+    dyadic = True
+    out = run_ranks(_train, world, kind, STEPS, dyadic, bucket_mb, "fp32")
+    expected, _ = oracle_run(kind, world, STEPS, dyadic)
+    # Replicas bitwise identical after every step.
+    for r in range(1, world):
+        assert out[r]["hashes"] == out[0]["hashes"], f"rank {r} diverged"
+    assert all(o["replicas"] for o in out)
+    params = out[0]["params"]
+    for i, (got, want) in enumerate(zip(params, expected)):
+        matrix = kind == "leo" and i < len(SHAPES) // 2 and got.ndim == 2
+        if matrix:
+            assert rel_err(got, want) <= 2e-6, (i, rel_err(got, want))
+        else:
+            # sign paths with dyadic gradients: the same bytes as the oracle
+            assert torch.equal(got, want), (i, rel_err(got, want))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind", ["lion", "leo"])
+def test_parity_random_gradients_bf16_wire(world, kind):
+    out = run_ranks(_train, world, kind, STEPS, False, 1e-4, "bf16")
+    expected, _ = oracle_run(kind, world, STEPS, False, wire=torch.bfloat16)
+    for r in range(1, world):
+        assert out[r]["hashes"] == out[0]["hashes"]
+    for got, want in zip(out[0]["params"], expected):
+        assert rel_err(got, want) <= 2e-6
+
+
+def test_memory_and_bytes_accounting():
+    world = 3
+    out = run_ranks(_train, world, "lion", 2, True, 1e-4, "fp32")
+    n = sum(math.prod(s) for s in SHAPES)
+    layout = out[0]["layout"]
+    assert sum(numel for _, numel, _, _ in layout) == n
+    for o in out:
+        # each rank holds its shard of every bucket: ⌈N/W⌉ plus per-bucket padding to 8 elements
+        assert o["momentum"] == sum(shard for *_, shard in layout)
+        assert o["momentum"] <= math.ceil(n / world) + 8 * len(layout)
+    last = out[0]["stats"]["last_step"]
+    padded = sum(p for _, _, p, _ in layout)
+    assert last["reduce_scatter"]["bytes_in"] == 4 * padded
+    assert last["reduce_scatter"]["bytes_out"] == 4 * padded
+    assert last["reduce_scatter"]["calls"] == len(layout)
+    # the update: S/8 bytes of bits + an 8-byte header per rank and bucket; dyadic random grads never give c == 0
+    assert last["all_gather"]["bytes_in"] == sum(s // 8 + 8 for *_, s in layout)
+    assert last["all_gather"]["bytes_out"] == world * sum(s // 8 + 8 for *_, s in layout)
+    assert last["all_gather"]["bytes_in"] <= n / 8 / world + 9 * len(layout) + 1
+
+
+def _zero_grad_param(rank, world):
+    # The first parameter never gets a gradient: c is exactly 0 there, so only decay may move it.
+    p0 = torch.ones(37, requires_grad=True)
+    p1 = torch.ones(29, requires_grad=True)
+    opt = leo_dist.ShardedLion([p0, p1], lr=0.1, weight_decay=0.5)
+    for step in range(3):
+        p1.grad = local_grad(step, rank, p1.shape, True)
+        opt.step()
+    return p0.detach().clone(), opt.comm_stats()["total"].get("all_gather", {}).get("calls", 0)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_exact_zero_gets_no_sign_step(world):
+    out = run_ranks(_zero_grad_param, world)
+    p0, gathers = out[0]
+    expected = torch.ones(37)
+    for _ in range(3):
+        expected.mul_(1 - 0.1 * 0.5)
+    assert torch.equal(p0, expected)
+    # the zero bitmap travelled (a second all-gather per step) because some c was exactly 0
+    if world > 1:
+        assert gathers == 2 * 3
+
+
+def _save(rank, world, kind, steps):
+    params = make_params()
+    cls = leo_dist.ShardedLeo if kind == "leo" else leo_dist.ShardedLion
+    opt = cls(groups_for(params, kind), bucket_mb=1e-4)
+    for step in range(steps):
+        for p in params:
+            p.grad = local_grad(step, rank, p.shape, True)
+        opt.step()
+    return opt.state_dict(), [p.detach().clone() for p in params]
+
+
+def _resume(rank, world, kind, sd, start_params, start, steps, first_world):
+    params = make_params()
+    with torch.no_grad():
+        for p, q in zip(params, start_params):
+            p.copy_(q)
+    cls = leo_dist.ShardedLeo if kind == "leo" else leo_dist.ShardedLion
+    opt = cls(groups_for(params, kind), bucket_mb=1e-4)
+    opt.load_state_dict(sd)
+    for step in range(start, steps):
+        for p in params:
+            # the same averaged gradients as the uninterrupted run at first_world ranks
+            p.grad = averaged_grad(step, first_world, p.shape, True)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("kind", ["lion", "leo"])
+def test_checkpoint_reshards(kind):
+    half, steps = 6, 12
+    expected, _ = oracle_run(kind, 4, steps, True)
+    sd, mid = run_ranks(_save, 4, kind, half)[0]
+    for exp_avg in (e["exp_avg"] for e in sd["state"].values()):
+        assert exp_avg.dtype == torch.float32
+    for world in (2, 3):
+        got = run_ranks(_resume, world, kind, sd, mid, half, steps, 4)[0]
+        for g, w in zip(got, expected):
+            assert rel_err(g, w) <= 2e-6
+    # into the single-process optimizer
+    params = [q.clone().requires_grad_() for q in mid]
+    cls = leo_dist.Leo if kind == "leo" else leo_dist.Lion
+    opt = cls(groups_for(params, kind))
+    opt.load_state_dict(sd)
+    for step in range(half, steps):
+        for p in params:
+            p.grad = averaged_grad(step, 4, p.shape, True)
+        opt.step()
+    for g, w in zip(params, expected):
+        assert rel_err(g.detach(), w) <= 2e-6
+
+
+def _clip(rank, world):
+    params = make_params()
+    opt = leo_dist.ShardedLeo(groups_for(params, "leo"), bucket_mb=1e-4)
+    norms = []
+    for step in range(5):
+        for p in params:
+            p.grad = local_grad(step, rank, p.shape, False)
+        norms.append(float(opt.clip_grad_norm_(0.5)))
+        opt.step()
+    return norms, [p.detach().clone() for p in params]
+
+
+def test_clip_grad_norm_matches_oracle():
+    world = 3
+    out = run_ranks(_clip, world)
+    params = make_params()
+    opt = leo_dist.Leo(groups_for(params, "leo"))
+    for step in range(5):
+        for p in params:
+            p.grad = averaged_grad(step, world, p.shape, False)
+        norm = torch.nn.utils.clip_grad_norm_(params, 0.5)
+        assert abs(float(norm) - out[0][0][step]) <= 1e-5 * float(norm)
+        opt.step()
+    for g, w in zip(out[0][1], params):
+        assert rel_err(g, w.detach()) <= 2e-6
+
+
+def _mismatch(rank, world):
+    shapes = SHAPES if rank == 0 else SHAPES[:-1]
+    try:
+        leo_dist.ShardedLion(make_params(shapes))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_ranks_disagreeing_on_params_raise_not_hang():
+    out = run_ranks(_mismatch, 2, timeout=60)
+    assert all(o is not None and "disagree" in o for o in out)
+
+
+def test_bad_arguments():
+    p = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(ValueError, match="grad_comm"):
+        leo_dist.ShardedLion(p, grad_comm="fp16")
+    with pytest.raises(ValueError, match="update_comm"):
+        leo_dist.ShardedLeo(p, update_comm="exactly")
+    with pytest.raises(ValueError, match="bucket_mb"):
+        leo_dist.ShardedLion(p, bucket_mb=0)
+    with pytest.raises(ValueError, match="lr"):
+        leo_dist.ShardedLion(p, lr=-1)
+    with pytest.raises(TypeError, match="process_group"):
+        leo_dist.ShardedLion(p, process_group="world")
+    with pytest.raises(TypeError, match="params"):
+        leo_dist.ShardedLion([torch.zeros(3, dtype=torch.int64)])
+    if torch.device("meta") is not None:
+        with pytest.raises(ValueError, match="one device"):
+            leo_dist.ShardedLion([torch.zeros(3), torch.zeros(3, device="meta")])
+    opt = leo_dist.ShardedLion(p)
+    with pytest.raises(RuntimeError, match="add_param_group"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+
+
+def test_world_of_one_without_process_group_matches_oracle():
+    params = make_params()
+    opt = leo_dist.ShardedLeo(groups_for(params, "leo"))
+    assert opt.world_size == 1
+    for step in range(STEPS):
+        for p in params:
+            p.grad = local_grad(step, 0, p.shape, False)
+        opt.step()
+    expected, oracle = oracle_run("leo", 1, STEPS, False)
+    for g, w in zip(params, expected):
+        assert rel_err(g.detach(), w) <= 2e-6
+    # momentum held in opt.state, as torch.optim code expects
+    oracle_params = [q for g in oracle.param_groups for q in g["params"]]
+    for p, q in zip(params, oracle_params):
+        assert rel_err(opt.state[p]["exp_avg"].view_as(p), oracle.state[q]["exp_avg"]) <= 1e-6
+    assert opt.comm_stats()["total"]["sum"]["calls"] == 0
