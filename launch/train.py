@@ -273,8 +273,12 @@ class Dist:
         dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
         return box[0]
 
-    def close(self) -> None:
+    def close(self, clean: bool) -> None:
         if self.initialized:
+            if clean and self.world > 1:
+                # A rank that tears gloo down while a peer is still in its last collective can
+                # abort that peer ("terminate called without an active exception"); leave together.
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -527,10 +531,13 @@ class Reporter:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     d = Dist(args)
+    clean = False
     try:
-        return train(args, d)
+        rc = train(args, d)
+        clean = True
+        return rc
     finally:
-        d.close()
+        d.close(clean)
 
 
 def _open_metrics(path: str):

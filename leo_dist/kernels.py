@@ -27,6 +27,7 @@ specialisation detects on its own.
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import torch
@@ -472,3 +473,24 @@ def aot_compile(name: str, arch: int, dtype: str = "fp32"):
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(enable_fp_fusion=False, num_warps=NUM_WARPS))
+
+
+_PTX_WIDTH = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "b32": 4, "u32": 4, "f32": 4, "b64": 8, "u64": 8}
+
+
+def ptx_global_bytes(ptx: str) -> tuple[int, int]:
+    """Bytes one thread loads and stores through global memory, summed over the PTX's ``ld.global``
+    and ``st.global`` instructions (vector width included; atomics left out).
+
+    Exact for straight-line kernels (the flat ones); for a kernel with a loop it counts one trip.
+    """
+    load = store = 0
+    for op, mods in re.findall(r"\b(ld|st)\.global((?:\.[\w:]+)+)", ptx):
+        parts = mods.split(".")
+        vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+        width = next((_PTX_WIDTH[p] for p in reversed(parts) if p in _PTX_WIDTH), 0)
+        if op == "ld":
+            load += vec * width
+        else:
+            store += vec * width
+    return load, store

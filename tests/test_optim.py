@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from leo_dist import Leo, Lion, leo_param_groups
+from leo_dist import functional as F
 
 F64 = torch.float64
 FP32_REL_TOL = 2e-6
@@ -147,10 +148,35 @@ def _param_dtype(mode: str, index: int) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[mode]
 
 
+class FunctionalDriver:
+    """The same param groups stepped through leo_dist.functional directly.
+
+    The optimizer classes may hand a group to a faster back end; the functional module is the
+    maths every path is defined by, so it is held to the same reference.
+    """
+
+    def __init__(self, kind: str, groups: list[dict]):
+        self.kind = kind
+        self.param_groups = groups
+        self.state = {p: {"exp_avg": torch.zeros_like(p, dtype=torch.float32)} for g in groups for p in g["params"]}
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            ps = g["params"]
+            args = (ps, [p.grad for p in ps], [self.state[p]["exp_avg"] for p in ps])
+            kw = dict(lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1], weight_decay=g["weight_decay"])
+            if self.kind == "lion":
+                F.lion_update(*args, **kw)
+            else:
+                F.leo_update(*args, align_const=g["align_const"], eps=g["eps"], orthogonalize=g["orthogonalize"], **kw)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("dtype_mode", ["float32", "bfloat16", "mixed"])
 @pytest.mark.parametrize("kind", ["lion", "leo"])
-def test_parity_with_float64_reference(kind, dtype_mode, seed):
+@pytest.mark.parametrize("path", ["optimizer", "functional"])
+def test_parity_with_float64_reference(path, kind, dtype_mode, seed):
     gen = torch.Generator().manual_seed(1000 * seed + 7)
     shapes = random_shapes(gen)
     group_hps = LION_GROUPS if kind == "lion" else LEO_GROUPS
@@ -167,7 +193,10 @@ def test_parity_with_float64_reference(kind, dtype_mode, seed):
             params.append(p)
             refs.append(RefParam(p, _rule(kind, hp, p.ndim), hp))
         groups.append(dict(params=group_params, **hp))
-    opt = (Lion if kind == "lion" else Leo)(groups)
+    if path == "optimizer":
+        opt = (Lion if kind == "lion" else Leo)(groups)
+    else:
+        opt = FunctionalDriver(kind, groups)
 
     # bf16 parameters: rounding to bf16 is discontinuous, so the reference restarts every step
     # from the bf16 value the optimizer stored (the value it reads back) and the comparison is
@@ -472,12 +501,14 @@ def test_bf16_momentum_is_stored_in_bf16_and_tracks_fp32(kind):
         m16 = opt16.state[p16]["exp_avg"]
         assert m16.dtype == torch.bfloat16
         assert opt32.state[p32]["exp_avg"].dtype == torch.float32
-        # bf16 momentum carries ~3 significant digits: sign(c) flips only where c is tiny, and the
-        # 2-D rule changes by about the momentum's relative error. Both are small against how far
-        # the parameters travelled in 20 steps.
+        # bf16 momentum keeps 8 significant bits (each store rounds by <= 2^-9 relative): sign(c)
+        # flips only where c is tiny, and the 2-D rule moves by about the momentum's relative
+        # error. Both are small against how far the parameters travelled in 20 steps (measured:
+        # 0 for the sign rule, ~1e-3 for the 2-D rule; bound 1e-2). |m| < 1 here, so 3e-3
+        # absolute is a few bf16 roundings (measured ~1e-3).
         travelled = (p32.detach() - p0).norm()
-        assert (p16.detach() - p32.detach()).norm() <= 0.05 * travelled
-        torch.testing.assert_close(m16.float(), opt32.state[p32]["exp_avg"], rtol=2e-2, atol=2e-2)
+        assert (p16.detach() - p32.detach()).norm() <= 1e-2 * travelled
+        torch.testing.assert_close(m16.float(), opt32.state[p32]["exp_avg"], rtol=0.0, atol=3e-3)
 
 
 def test_momentum_dtype_argument_sets_state_dtype():

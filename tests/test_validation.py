@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 from torch import nn
 
 from leo_dist import Leo, Lion
+from leo_dist.dispatch import triton_available
 from leo_dist.validation import check_hyperparameters, check_momentum_dtype
 
 OPTIMIZERS = [pytest.param(Lion, id="Lion"), pytest.param(Leo, id="Leo")]
@@ -154,10 +156,6 @@ def test_good_param_group_is_added_with_defaults(cls):
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_fused_true_on_cpu_fails_loudly_or_runs(cls):
     """fused=True never falls back silently: on CPU without the interpreter it must raise."""
-    import os
-
-    from leo_dist.dispatch import triton_available
-
     if triton_available() and os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the Triton interpreter is on; fused=True is legitimate on CPU")
     with pytest.raises(RuntimeError, match="(?i)triton"):

@@ -1,0 +1,331 @@
+"""Configurations of the slow-link benchmark, by name, with their cost models.
+
+A configuration says how one data-parallel training step is wired (DDP or not, which hook,
+which optimizer) and how many bytes per rank that wiring should put on the wire (the ideal ring
+or direct algorithm of SPEC §2, per rank and step, fp32 parameters). Adding a scheme is one
+``register(Config(...))``; the driver, the table, the plots and the projection pick it up.
+
+Configurations that need a part of leo_dist that is not there yet (the compressed modes of SPEC
+§2) are registered too: ``Config.unavailable()`` says why they cannot run, and the driver skips
+them with that reason until the library grows the mode, after which they join the table unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+__all__ = ["Config", "Phase", "REGISTRY", "register", "get", "default_names", "HYPER", "model_shapes",
+           "DDP_BUCKET_BYTES", "DDP_FIRST_BUCKET_BYTES", "LEO_BUCKET_BYTES", "POWERSGD_RANK",
+           "POWERSGD_START_ITER"]
+
+# Per optimizer family, the demo's defaults (launch/train.py): sign methods take every coordinate a
+# full step, so they want a smaller lr than AdamW.
+HYPER = {
+    "adamw": dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1),
+    "lion": dict(lr=3e-4, betas=(0.9, 0.99), weight_decay=0.1),
+    "leo": dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01),
+}
+DDP_BUCKET_BYTES = 25 * 2**20
+DDP_FIRST_BUCKET_BYTES = 1 * 2**20  # DDP sends a small first bucket so that communication starts early
+LEO_BUCKET_BYTES = 25 * 2**20
+POWERSGD_RANK = 4
+# PowerSGD runs plain all-reduce for its first iterations (torch's recommended warm-up); the
+# benchmark's timed windows start after it, so they measure the compressed steady state.
+POWERSGD_START_ITER = 10
+POWERSGD_MIN_COMPRESSION_RATE = 2.0
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One kind of collective in a step: bytes each rank sends under the ideal algorithm, and how
+    many separate collective calls carry them (the latency term of the projection)."""
+    name: str
+    bytes_per_rank: float
+    calls: int
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the cost models need to know about a model: each parameter's shape, and which ones Leo
+    treats as matrices (``ndim == 2`` outside embeddings)."""
+    shapes: tuple[tuple[int, ...], ...]
+    leo_matrix: tuple[bool, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+
+def model_shapes(model) -> Shapes:
+    """The :class:`Shapes` of a torch module, with Leo's grouping from ``leo_dist.leo_param_groups``."""
+    from leo_dist import leo_param_groups
+    matrices = {id(p) for g in leo_param_groups(model) if g.get("orthogonalize") for p in g["params"]}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Shapes(tuple(tuple(p.shape) for p in params), tuple(id(p) in matrices for p in params))
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    label: str
+    family: str                       # key of HYPER
+    update: str                       # configurations with equal ``update`` compute the same update
+    build: Callable[..., Any]         # (model, world, hyper) -> (forward module, optimizer)
+    cost: Callable[[Shapes, int], list[Phase]]
+    lossy: bool = False               # changes the update (compare on time to target, not step time)
+    leo_dist: bool = False
+    probe: Callable[[], str | None] = field(default=lambda: None)
+    default: bool = True
+
+    def unavailable(self) -> str | None:
+        """None when this configuration can run here, else why not."""
+        try:
+            return self.probe()
+        except Exception as exc:  # a probe that cannot even import is a reason too
+            return f"{type(exc).__name__}: {exc}"
+
+    def model_bytes(self, shapes: Shapes, world: int) -> float:
+        return sum(p.bytes_per_rank for p in self.cost(shapes, world))
+
+    def model_calls(self, shapes: Shapes, world: int) -> int:
+        return sum(p.calls for p in self.cost(shapes, world))
+
+
+REGISTRY: dict[str, Config] = {}
+
+
+def register(cfg: Config) -> Config:
+    if cfg.name in REGISTRY:
+        raise ValueError(f"configuration {cfg.name!r} registered twice")
+    REGISTRY[cfg.name] = cfg
+    return cfg
+
+
+def get(names: Sequence[str] | str | None) -> list[Config]:
+    """Configurations by name ('all' or None: the default set, in registry order)."""
+    if names is None or names == "all" or list(names) == ["all"]:
+        return [REGISTRY[n] for n in default_names()]
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n]
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise KeyError(f"unknown configuration(s) {unknown}; known: {sorted(REGISTRY)}")
+    return [REGISTRY[n] for n in names]
+
+
+def default_names() -> list[str]:
+    return [n for n, c in REGISTRY.items() if c.default]
+
+
+# ------------------------------------------------------------------------------ cost models
+def _ring(world: int) -> float:
+    return (world - 1) / world
+
+
+def _buckets(nbytes: float, cap: int, first: int = 0) -> int:
+    if nbytes <= 0:
+        return 0
+    if first:
+        return 1 + math.ceil(max(0.0, nbytes - first) / cap)
+    return math.ceil(nbytes / cap)
+
+
+def _ddp_all_reduce(shapes: Shapes, world: int, wire_bytes: int) -> list[Phase]:
+    n = shapes.numel
+    calls = _buckets(4 * n, DDP_BUCKET_BYTES, DDP_FIRST_BUCKET_BYTES)
+    return [Phase(f"all_reduce ({'fp32' if wire_bytes == 4 else '16-bit'} grads)", 2 * _ring(world) * wire_bytes * n,
+                  calls)]
+
+
+def cost_ddp_fp32(shapes: Shapes, world: int) -> list[Phase]:
+    return _ddp_all_reduce(shapes, world, 4)
+
+
+def cost_ddp_16bit(shapes: Shapes, world: int) -> list[Phase]:
+    return _ddp_all_reduce(shapes, world, 2)
+
+
+def cost_zero(shapes: Shapes, world: int) -> list[Phase]:
+    # DDP all-reduces the full gradient (ZeroRedundancyOptimizer does not change DDP's hook), then
+    # each rank broadcasts the parameters it updated: every parameter reaches W-1 other ranks.
+    bcast = Phase("broadcast (fp32 params)", _ring(world) * 4 * shapes.numel, len(shapes.shapes))
+    return _ddp_all_reduce(shapes, world, 4) + [bcast]
+
+
+def _powersgd_split(shapes: Shapes, rank: int) -> tuple[int, int]:
+    """Elements all-reduced uncompressed, and elements of the P and Q factors."""
+    plain = factors = 0
+    for s in shapes.shapes:
+        numel = math.prod(s)
+        if len(s) < 2:
+            plain += numel
+            continue
+        rows, cols = s[0], numel // s[0]
+        if (rows + cols) * rank * POWERSGD_MIN_COMPRESSION_RATE < rows * cols:
+            factors += (rows + cols) * rank
+        else:
+            plain += numel
+    return plain, factors
+
+
+def cost_powersgd(shapes: Shapes, world: int) -> list[Phase]:
+    plain, factors = _powersgd_split(shapes, POWERSGD_RANK)
+    calls = _buckets(4 * shapes.numel, DDP_BUCKET_BYTES, DDP_FIRST_BUCKET_BYTES)
+    return [Phase("all_reduce (uncompressed 1-D grads)", 2 * _ring(world) * 4 * plain, calls),
+            Phase(f"all_reduce (rank-{POWERSGD_RANK} P and Q)", 2 * _ring(world) * 4 * factors, 2 * calls)]
+
+
+def _leo_phases(shapes: Shapes, world: int, grad_bytes: float, leo: bool, update_bits: bool = False) -> list[Phase]:
+    """Sharded step: reduce-scatter the gradients, all-gather packed signs (and, for Leo's
+    matrices with exact updates, the fp32 update), complete Leo's norms with small all-reduces."""
+    n = shapes.numel
+    n_mat = sum(math.prod(s) for s, m in zip(shapes.shapes, shapes.leo_matrix) if m) if leo else 0
+    n_sign = n - n_mat
+    row_col = sum(s[0] + s[1] for s, m in zip(shapes.shapes, shapes.leo_matrix) if m) if leo else 0
+    sign_buckets = _buckets(4 * n_sign, LEO_BUCKET_BYTES)
+    mat_buckets = _buckets(4 * n_mat, LEO_BUCKET_BYTES)
+    phases = [Phase("reduce_scatter (grads)", _ring(world) * grad_bytes * n, sign_buckets + mat_buckets),
+              # each rank's packed bits plus an 8-byte header go to the W-1 others
+              Phase("all_gather (1-bit signs)", _ring(world) * n_sign / 8 + (world - 1) * 8 * sign_buckets,
+                    sign_buckets)]
+    if n_mat:
+        upd = n_mat / 8 if update_bits else 4 * n_mat
+        phases.append(Phase("all_gather (matrix updates)", _ring(world) * upd, mat_buckets))
+        phases.append(Phase("all_reduce (row/col norms, RMS)", 2 * _ring(world) * 4 * (row_col + len(shapes.shapes)),
+                            2))
+    return phases
+
+
+def cost_leo_lion_fp32(shapes, world):
+    return _leo_phases(shapes, world, 4, leo=False)
+
+
+def cost_leo_lion_bf16(shapes, world):
+    return _leo_phases(shapes, world, 2, leo=False)
+
+
+def cost_leo_leo_fp32(shapes, world):
+    return _leo_phases(shapes, world, 4, leo=True)
+
+
+def cost_leo_leo_bf16(shapes, world):
+    return _leo_phases(shapes, world, 2, leo=True)
+
+
+def cost_leo_1bit_grads(shapes, world):
+    # SPEC §2: signs with one fp32 scale per 1024-element chunk, delivered by an all-to-all.
+    return _leo_phases(shapes, world, 1 / 8 + 4 / 1024, leo=False)
+
+
+# ------------------------------------------------------------------------------ builders
+def _decay_groups(model, weight_decay: float) -> list[dict]:
+    """Decay the matrices (ndim >= 2), not biases and norms: the same groups for every optimizer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def _ddp(model):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, bucket_cap_mb=DDP_BUCKET_BYTES / 2**20)
+
+
+def build_ddp_adamw(model, world, hyper):
+    import torch
+    ddp = _ddp(model)
+    return ddp, torch.optim.AdamW(_decay_groups(model, hyper["weight_decay"]), lr=hyper["lr"], betas=hyper["betas"])
+
+
+def build_ddp_lion_fp16(model, world, hyper):
+    import leo_dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    ddp = _ddp(model)
+    # bf16_compress_hook refuses gloo; fp16 is the 16-bit hook that runs there.
+    ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    return ddp, leo_dist.Lion(_decay_groups(model, hyper["weight_decay"]), lr=hyper["lr"], betas=hyper["betas"])
+
+
+def build_zero_lion(model, world, hyper):
+    import leo_dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    ddp = _ddp(model)
+    opt = ZeroRedundancyOptimizer(_decay_groups(model, hyper["weight_decay"]), optimizer_class=leo_dist.Lion,
+                                  lr=hyper["lr"], betas=hyper["betas"])
+    return ddp, opt
+
+
+def build_ddp_powersgd_lion(model, world, hyper):
+    import leo_dist
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+    ddp = _ddp(model)
+    state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=POWERSGD_RANK,
+                               start_powerSGD_iter=POWERSGD_START_ITER,
+                               min_compression_rate=POWERSGD_MIN_COMPRESSION_RATE,
+                               use_error_feedback=True, warm_start=True, random_seed=0)
+    ddp.register_comm_hook(state, psgd.powerSGD_hook)
+    return ddp, leo_dist.Lion(_decay_groups(model, hyper["weight_decay"]), lr=hyper["lr"], betas=hyper["betas"])
+
+
+def _sharded(kind: str, grad_comm: str, ddp_hook: bool, update_comm: str = "exact"):
+    def build(model, world, hyper):
+        import leo_dist
+        if kind == "lion":
+            opt = leo_dist.ShardedLion(_decay_groups(model, hyper["weight_decay"]), grad_comm=grad_comm,
+                                       bucket_mb=LEO_BUCKET_BYTES / 2**20, lr=hyper["lr"], betas=hyper["betas"])
+        else:
+            opt = leo_dist.ShardedLeo(leo_dist.leo_param_groups(model, hyper["weight_decay"]), grad_comm=grad_comm,
+                                      update_comm=update_comm, bucket_mb=LEO_BUCKET_BYTES / 2**20,
+                                      lr=hyper["lr"], betas=hyper["betas"])
+        if not ddp_hook:
+            return model, opt
+        import leo_dist.hooks
+        ddp = _ddp(model)
+        leo_dist.hooks.attach(ddp, opt)
+        return ddp, opt
+    return build
+
+
+def _probe_sharded(kind: str, grad_comm: str = "fp32", update_comm: str = "exact", hook: bool = False):
+    """Build the optimizer on one tiny tensor in a world of one: raises where the mode is missing."""
+    def probe() -> str | None:
+        import torch
+        import leo_dist
+        if hook:
+            import leo_dist.hooks  # noqa: F401
+        p = torch.nn.Parameter(torch.zeros(4, 4))
+        cls = leo_dist.ShardedLion if kind == "lion" else leo_dist.ShardedLeo
+        kw = {} if kind == "lion" else {"update_comm": update_comm}
+        try:
+            cls([p], grad_comm=grad_comm, **kw)
+        except NotImplementedError as exc:
+            return f"not implemented in this leo_dist: {exc}"
+        return None
+    return probe
+
+
+register(Config("ddp_adamw", "DDP + AdamW (fp32 all-reduce)", "adamw", "adamw", build_ddp_adamw, cost_ddp_fp32))
+register(Config("ddp_lion_fp16", "DDP + Lion, fp16 compress hook", "lion", "lion", build_ddp_lion_fp16,
+                cost_ddp_16bit))
+register(Config("zero_lion", "ZeroRedundancyOptimizer(Lion) + DDP", "lion", "lion", build_zero_lion, cost_zero))
+register(Config("ddp_powersgd_lion", f"DDP + PowerSGD (rank {POWERSGD_RANK}) + Lion", "lion", "lion-powersgd",
+                build_ddp_powersgd_lion, cost_powersgd, lossy=True))
+for _grad in ("fp32", "bf16"):
+    _c = cost_leo_lion_fp32 if _grad == "fp32" else cost_leo_lion_bf16
+    register(Config(f"leo_lion_{_grad}", f"ShardedLion, {_grad} grads", "lion", "lion", _sharded("lion", _grad, False),
+                    _c, leo_dist=True, probe=_probe_sharded("lion", _grad)))
+    register(Config(f"leo_lion_{_grad}_ddp", f"ShardedLion, {_grad} grads, DDP hook", "lion", "lion",
+                    _sharded("lion", _grad, True), _c, leo_dist=True, probe=_probe_sharded("lion", _grad, hook=True)))
+register(Config("leo_leo_bf16", "ShardedLeo, bf16 grads, exact matrix updates", "leo", "leo",
+                _sharded("leo", "bf16", False), cost_leo_leo_bf16, leo_dist=True, probe=_probe_sharded("leo", "bf16")))
+register(Config("leo_leo_fp32", "ShardedLeo, fp32 grads, exact matrix updates", "leo", "leo",
+                _sharded("leo", "fp32", False), cost_leo_leo_fp32, leo_dist=True, probe=_probe_sharded("leo", "fp32"),
+                default=False))
+# The compressed modes of SPEC §2: skipped with the library's own reason until they exist.
+register(Config("leo_lion_1bit", "ShardedLion, 1-bit grads (error feedback)", "lion", "lion-1bit",
+                _sharded("lion", "1bit", False), cost_leo_1bit_grads, lossy=True, leo_dist=True,
+                probe=_probe_sharded("lion", "1bit")))
+register(Config("leo_leo_bf16_1bit", "ShardedLeo, bf16 grads, 1-bit matrix updates", "leo", "leo-1bit",
+                _sharded("leo", "bf16", False, update_comm="1bit"),
+                lambda s, w: _leo_phases(s, w, 2, leo=True, update_bits=True), lossy=True, leo_dist=True,
+                probe=_probe_sharded("leo", "bf16", update_comm="1bit")))

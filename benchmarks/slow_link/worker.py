@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""One configuration's training run, under torchrun, inside the driver's namespace (see run.py).
+
+The run trains ``--steps`` steps and evaluates the validation loss every ``--eval-every`` steps,
+on an unshaped loopback: the loss curve does not depend on the link, and training at loopback
+speed keeps the suite short. At step ``--window-at`` it runs one timed window per entry of
+``--windows`` (e.g. ``100mbit:5,1gbit:5``): rank 0 shapes the loopback to that rate (it runs in
+the namespace, as root), reads the interface counters, all ranks run K ordinary training steps,
+then rank 0 reads the counters again and removes the shaping. Window steps are training steps
+like the others, so the windows measure the very run whose loss curve is reported.
+
+Rank 0 writes one JSON file (``--out``) with everything the driver needs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path[:0] = [ROOT, HERE]
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import configs  # noqa: E402
+import netns  # noqa: E402
+from launch.gpt import GPT, PRESETS, GPTConfig, get_batch, load_corpus  # noqa: E402
+
+
+def parse_windows(text: str) -> list[tuple[float, int]]:
+    out = []
+    for item in filter(None, text.split(",")):
+        rate, _, k = item.partition(":")
+        out.append((netns.parse_rate(rate), int(k or 5)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--preset", default="10m", choices=sorted(PRESETS))
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--lr-warmup", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--window-at", type=int, default=12)
+    ap.add_argument("--windows", default="")
+    ap.add_argument("--delay-ms", type=float, default=0.0)
+    ap.add_argument("--no-shape", action="store_true", help="time the windows without touching tc (tests)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=20))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = configs.get([args.config])[0]
+    why = cfg.unavailable()
+    if why:
+        raise SystemExit(f"configuration {cfg.name} cannot run: {why}")
+
+    train_ids, val_ids, vocab = load_corpus()
+    gcfg = GPTConfig(vocab_size=vocab, **PRESETS[args.preset])
+    torch.manual_seed(args.seed)
+    model = GPT(gcfg)
+    shapes = configs.model_shapes(model)
+    hyper = configs.HYPER[cfg.family]
+    fwd, opt = cfg.build(model, world, hyper)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+
+    def batch(step: int):
+        # The batch of (seed, rank, step): identical in every configuration.
+        g = torch.Generator().manual_seed((args.seed * 1_000_003 + rank) * 1_000_003 + step)
+        return get_batch(train_ids, args.batch_size, gcfg.block_size, g)
+
+    def train_step(step: int) -> float:
+        factor = min(1.0, step / args.lr_warmup) if args.lr_warmup > 0 else 1.0
+        for group, base in zip(opt.param_groups, base_lrs):
+            group["lr"] = base * factor
+        x, y = batch(step)
+        _, loss = fwd(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        # The same validation batches at every world size, split across ranks.
+        g = torch.Generator().manual_seed(10_000 + args.seed)
+        total = torch.zeros(2, dtype=torch.float64)
+        for i in range(args.eval_batches):
+            x, y = get_batch(val_ids, 16, gcfg.block_size, g)
+            if i % world == rank:
+                total[0] += model(x, y)[1].item()
+                total[1] += 1
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    windows = parse_windows(args.windows)
+    record = dict(config=cfg.name, world=world, preset=args.preset, n_params=shapes.numel,
+                  batch_size=args.batch_size, steps=args.steps, seed=args.seed, delay_ms=args.delay_ms,
+                  hyper={k: list(v) if isinstance(v, tuple) else v for k, v in hyper.items()},
+                  train_loss=[], evals=[], free_step_s=[], windows=[])
+    record["evals"].append((0, evaluate()))
+    step = 1
+    while step <= args.steps:
+        if step == args.window_at and windows:
+            for rate, k in windows:
+                k = min(k, args.steps - step + 1)
+                if k <= 0:
+                    break
+                dist.barrier()
+                if rank == 0:
+                    if not args.no_shape:
+                        netns.shape(rate, args.delay_ms)
+                    before = netns.read_counters()
+                dist.barrier()
+                times, t_prev = [], time.perf_counter()
+                for _ in range(k):
+                    record["train_loss"].append(train_step(step))
+                    now = time.perf_counter()
+                    times.append(now - t_prev)
+                    t_prev = now
+                    step += 1
+                dist.barrier()
+                if rank == 0:
+                    delta = netns.read_counters() - before
+                    if not args.no_shape:
+                        netns.unshape()
+                    stats = opt.comm_stats()["last_step"]["sum"] if hasattr(opt, "comm_stats") else None
+                    record["windows"].append(dict(rate_bps=rate, steps=k, first_step=step - k, step_s=times,
+                                                  tx_bytes=delta.tx_bytes, tx_packets=delta.tx_packets,
+                                                  tcp_retrans=delta.tcp_retrans, qdisc_drops=delta.qdisc_drops,
+                                                  library_sent_per_rank=stats and stats["sent"]))
+                    print(f"[{cfg.name} W={world}] {netns.format_rate(rate)}: median step "
+                          f"{statistics.median(times):.3f}s, {delta.tx_bytes / k / world / 1e6:.2f} MB/rank/step "
+                          f"on the wire, retrans {delta.tcp_retrans}", flush=True)
+            continue
+        t0 = time.perf_counter()
+        record["train_loss"].append(train_step(step))
+        record["free_step_s"].append(time.perf_counter() - t0)
+        if step % args.eval_every == 0 or step == args.steps:
+            record["evals"].append((step, evaluate()))
+            if rank == 0:
+                print(f"[{cfg.name} W={world}] step {step}: val {record['evals'][-1][1]:.4f}", flush=True)
+        step += 1
+
+    # Every configuration keeps identical replicas; check it, so a broken setup cannot pass unseen.
+    with torch.no_grad():
+        flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+        mine = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.arange(flat.numel(), dtype=torch.float64)
+                                                            .remainder(7919)).sum()])
+        everyone = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(everyone, mine)
+    record["replicas_identical"] = all(torch.equal(e, everyone[0]) for e in everyone)
+    record["model_bytes_per_rank"] = cfg.model_bytes(shapes, world)
+    record["phases"] = [vars(p) for p in cfg.cost(shapes, world)]
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
