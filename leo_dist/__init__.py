@@ -1,4 +1,6 @@
 """leo_dist: data-parallel Leo and Lion with sharded momentum and 1-bit packed updates."""
+from . import hooks
+from .collectives import average_gradients
 from .functional import leo_update, lion_update
 from .optim import Leo, Lion, leo_param_groups
 from .packing import pack_mask, pack_signs, unpack_signs
@@ -6,6 +8,8 @@ from .sharded import ShardedLeo, ShardedLion
 
 __all__ = [
     "Leo",
+    "average_gradients",
+    "hooks",
     "Lion",
     "ShardedLeo",
     "ShardedLion",

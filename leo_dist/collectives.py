@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Comm", "CommStats"]
+__all__ = ["Comm", "CommStats", "average_gradients"]
 
 # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name); older releases lack the new one.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -187,3 +187,32 @@ class Comm:
         dist.all_to_all_single(out, inp, group=self.group)
         moved = (self.world - 1) * inp.numel() * inp.element_size() // self.world
         self._count("all_to_all", inp, out, moved, moved)
+
+
+def average_gradients(params, process_group: dist.ProcessGroup | None = None) -> None:
+    """All-reduce and average the ``.grad`` of ``params`` in place, in one coalesced call.
+
+    For parameters trained by another optimizer (say AdamW on embeddings and norms) beside a
+    standalone sharded optimizer: call it after backward and before that optimizer's step, so that
+    every gradient is averaged exactly once. Parameters whose grad is None are skipped (every rank
+    must skip the same ones). Sends ``2(W−1)/W`` times the gradients' bytes per rank. No-op in a
+    world of one.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    comm = Comm(process_group)
+    if not grads or not comm.distributed:
+        return
+    for g in grads:
+        if g.is_sparse:
+            raise TypeError("average_gradients does not handle sparse gradients")
+    by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
+    for g in grads:
+        by_dtype[g.dtype].append(g)
+    for dtype, gs in by_dtype.items():
+        flat = torch.cat([g.reshape(-1) for g in gs])
+        comm.all_reduce(flat)
+        flat.div_(comm.world)
+        pos = 0
+        for g in gs:
+            g.copy_(flat[pos : pos + g.numel()].view_as(g))
+            pos += g.numel()

@@ -18,7 +18,6 @@ DDP buckets them or that DDP rebuilds its buckets after the first iteration. Und
 ``ddp_model.no_sync()`` DDP calls no hook; the first backward outside it sends the accumulated
 gradients, once.
 """
-from __future__ import annotations
 
 import gc
 from typing import Any

@@ -112,7 +112,7 @@ def test_sign_shard_bitwise(K, dtype, n_valid, S):
 
 
 def test_sign_shard_flag_clear(K):
-    g, m = torch.randn(64) + 10, torch.randn(64)
+    g, m = torch.rand(64) + 1, torch.rand(64)  # c > 0 everywhere
     b, z = torch.empty(8, dtype=torch.uint8), torch.empty(8, dtype=torch.uint8)
     assert K.sign_shard_step_(g, m, b, z, 60, 0.9, 0.99).item() == 0
     assert int(z.sum()) == 0 and int(b[-1]) == 0x0F  # elements 60..63 are padding
@@ -143,9 +143,8 @@ def test_leo_step_matches_functional(K, dtype):
     moms = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
     ref_p, ref_m = [p.clone() for p in params], [m.clone() for m in moms]
     kw = dict(lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.1, align_const=0.2, eps=1e-8)
-    for _ in range(2):
-        F.leo_update(ref_p, grads, ref_m, **kw)
-        K.leo_step(params, grads, moms, **kw)
+    F.leo_update(ref_p, grads, ref_m, **kw)
+    K.leo_step(params, grads, moms, **kw)
     for p, r, m, rm in zip(params, ref_p, moms, ref_m):
         assert torch.equal(m, rm)
         if p.ndim == 2:
@@ -220,11 +219,11 @@ def test_fused_true_on_cpu_needs_interpreter(monkeypatch):
     assert leo_dist.Lion([torch.nn.Parameter(torch.zeros(3))])._fused is False
 
 
-def _sharded_run(rank, world, kind, fused, steps):
+def _sharded_run(rank, world, kind, fused, steps, bucket_mb):
     from dist_util import groups_for, local_grad, make_params, params_hash
     params = make_params()
     cls = leo_dist.ShardedLeo if kind == "leo" else leo_dist.ShardedLion
-    opt = cls(groups_for(params, kind), bucket_mb=1e-4, fused=fused)
+    opt = cls(groups_for(params, kind), bucket_mb=bucket_mb, fused=fused)
     assert opt._fused is fused
     for step in range(steps):
         for p in params:
@@ -239,9 +238,11 @@ def _sharded_run(rank, world, kind, fused, steps):
 def test_sharded_fused_matches_torch_path_w2(kind, monkeypatch):
     from conftest import run_ranks
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # spawned ranks inherit it
-    steps = 3
-    ref = run_ranks(_sharded_run, 2, kind, False, steps)
-    got = run_ranks(_sharded_run, 2, kind, True, steps)
+    # 2e-4 MB (~52 fp32 elements) buckets: several buckets, shard boundaries inside parameters,
+    # while keeping the number of (slow, interpreted) kernel launches small.
+    steps, bucket_mb = 3, 2e-4
+    ref = run_ranks(_sharded_run, 2, kind, False, steps, bucket_mb)
+    got = run_ranks(_sharded_run, 2, kind, True, steps, bucket_mb)
     assert got[0][1] == got[1][1]  # replicas identical
     for a, b in zip(got[0][0], ref[0][0]):
         if kind == "lion" or a.ndim != 2:
@@ -298,7 +299,7 @@ def aot():
 def test_aot_compiles_with_vector_loads(aot, name, arch):
     r = aot[f"{name}/{arch}/fp32"]
     assert "error" not in r, r.get("error")
-    assert r["target"] == f"sm_{arch}"
+    assert r["target"] in (f"sm_{arch}", f"sm_{arch}a")
     wide = [ld for ld in r["loads"] if ld.endswith(".v4.b32")]
     assert wide, f"no 128-bit loads in {name}: {r['loads']}"
     if name in FLAT:
