@@ -33,13 +33,14 @@ __all__ = ["attach", "reduce_scatter_hook", "HookState", "check_not_under_plain_
 class HookState:
     """State of :func:`reduce_scatter_hook`: the sharded optimizer that receives the gradients."""
 
-    def __init__(self, optimizer: Any):
+    def __init__(self, optimizer: Any, grad_scaler: Any = None):
         from .sharded import _ShardedOptimizer
 
         if not isinstance(optimizer, _ShardedOptimizer):
             raise TypeError("the leo_dist DDP hook needs a leo_dist.ShardedLeo or ShardedLion optimizer, got "
                             f"{type(optimizer).__name__}")
         self.optimizer = optimizer
+        self.grad_scaler = grad_scaler
 
 
 def reduce_scatter_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -48,12 +49,17 @@ def reduce_scatter_hook(state: HookState, bucket: dist.GradBucket) -> torch.futu
     comm = opt._comm
     buf = bucket.buffer()
     foreign: list[Tensor] = []
+    inv_scale = None
+    if state.grad_scaler is not None and state.grad_scaler.is_enabled():
+        # Unscaled while copying into the optimizer's buckets, so that the averaged shards (which
+        # clip_grad_norm_ and step() see) are true gradients; .grad keeps the scaled local ones.
+        inv_scale = state.grad_scaler._scale.double().reciprocal().float()
     for p, g in zip(bucket.parameters(), bucket.gradients()):
         where = opt._where.get(id(p))
         if where is None:
             foreign.append(g)
         else:
-            opt._stage(where[0], where[1], g)
+            opt._stage(where[0], where[1], g, inv_scale)
     if not foreign:
         fut: torch.futures.Future[Tensor] = torch.futures.Future()
         fut.set_result(buf)
@@ -76,8 +82,12 @@ def reduce_scatter_hook(state: HookState, bucket: dist.GradBucket) -> torch.futu
     return work.get_future().then(write_back)
 
 
-def attach(ddp_model: DistributedDataParallel, optimizer: Any) -> HookState:
+def attach(ddp_model: DistributedDataParallel, optimizer: Any, grad_scaler: Any = None) -> HookState:
     """Register :func:`reduce_scatter_hook` on ``ddp_model`` for ``optimizer``; returns its state.
+
+    With mixed precision, pass the ``torch.amp.GradScaler`` that scales the loss: the hook unscales
+    the gradients as it copies them (the usual ``scaler.scale(loss).backward(); scaler.unscale_(opt);
+    opt.clip_grad_norm_(...); scaler.step(opt); scaler.update()`` then works unchanged).
 
     Raises ``TypeError`` when ``ddp_model`` is not a DDP module or ``optimizer`` not a sharded
     leo_dist optimizer, and ``ValueError`` when the optimizer holds parameters the model does not,
@@ -85,7 +95,7 @@ def attach(ddp_model: DistributedDataParallel, optimizer: Any) -> HookState:
     """
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model).__name__}")
-    state = HookState(optimizer)
+    state = HookState(optimizer, grad_scaler)
     model_params = {id(p) for p in ddp_model.parameters() if p.requires_grad}
     missing = [i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])
                if id(p) not in model_params]
@@ -99,6 +109,7 @@ def attach(ddp_model: DistributedDataParallel, optimizer: Any) -> HookState:
         raise RuntimeError("ddp_model already has a communication hook; DDP allows only one")
     ddp_model.register_comm_hook(state, reduce_scatter_hook)
     optimizer._hook_attached = True
+    optimizer._hook_scaler = grad_scaler
     return state
 
 

@@ -24,6 +24,7 @@ gradient shards (N/W elements) between the exchange and the step.
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from collections import deque
 from typing import Any, Callable
@@ -42,6 +43,10 @@ from .partition import Bucket, Slot, build_buckets
 from .validation import check_grad, check_hyperparameters, check_momentum_dtype, check_param
 
 __all__ = ["ShardedLion", "ShardedLeo"]
+
+# GradScaler hands itself to optimizers whose step() takes `grad_scaler` (see step()), with a
+# FutureWarning about a future protocol that would not let us make found_inf agree across ranks.
+warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
 
 _GRAD_COMMS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _MAX_INFLIGHT = 2
@@ -114,6 +119,7 @@ class _ShardedOptimizer(Optimizer):
         self._init_state()
         self._reset_exchange()
         self._hook_attached = False
+        self._hook_scaler = None
         self._ddp_checked = False
 
     # ----------------------------------------------------------------- layout and state
@@ -196,8 +202,9 @@ class _ShardedOptimizer(Optimizer):
         self._inflight: deque[int] = deque()
         self._clipped = False
 
-    def _stage(self, bi: int, slot: Slot, grad: Tensor | None) -> None:
-        """Copy one parameter's local gradient into its bucket; send the bucket once complete."""
+    def _stage(self, bi: int, slot: Slot, grad: Tensor | None, inv_scale: Tensor | None = None) -> None:
+        """Copy one parameter's local gradient into its bucket (times ``inv_scale``, the AMP
+        unscaling, when given); send the bucket once complete."""
         b = self._buckets[bi]
         if self._pending[bi] is not None or self._shards[bi] is not None:
             raise RuntimeError("a gradient arrived for a bucket already sent this step: call step() after "
@@ -211,6 +218,8 @@ class _ShardedOptimizer(Optimizer):
             dst.zero_()
         else:
             dst.copy_(grad.reshape(-1))
+            if inv_scale is not None:
+                dst.mul_(inv_scale)
         self._arrived[bi].add(slot.offset)
         if len(self._arrived[bi]) == len(b.slots):
             self._launch(bi)
@@ -274,9 +283,43 @@ class _ShardedOptimizer(Optimizer):
         return total
 
     # ----------------------------------------------------------------- the step
+    # GradScaler calls step() even when this rank saw an inf, so that every rank reaches the
+    # collectives; step() decides to skip from the *averaged* gradients, on all ranks alike.
+    _step_supports_amp_scaling = True
+
+    def _amp_unscale_and_check(self, scaler, shards: list[Tensor]) -> bool:
+        """Unscale the averaged shards if still scaled; True when any rank's shard is non-finite.
+
+        Writes the global verdict into the scaler's record for this optimizer, so that
+        ``scaler.update()`` backs off identically on every rank (its own check saw only local
+        gradients). Sends one float.
+        """
+        from torch.amp.grad_scaler import OptState
+
+        record = scaler._per_optimizer_states[id(self)]
+        if self._hook_attached:
+            if self._hook_scaler is not scaler:
+                raise RuntimeError("with a GradScaler and the DDP hook, pass the scaler to "
+                                   "leo_dist.hooks.attach(ddp_model, optimizer, grad_scaler=scaler)")
+        elif record["stage"] is OptState.READY:
+            inv = scaler._scale.double().reciprocal().float()
+            for s in shards:
+                s.mul_(inv)
+        bad = torch.zeros((), dtype=torch.float32, device=self._device)
+        for s in shards:
+            bad = torch.maximum(bad, (~torch.isfinite(s)).any().float())
+        self._comm.all_reduce(bad, dist.ReduceOp.MAX)
+        record["found_inf_per_device"] = {scaler._scale.device: bad.to(scaler._scale.device)}
+        return bool(bad)
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        """One optimisation step on every rank (collective). See the module docstring for phases."""
+    def step(self, closure: Callable[[], float] | None = None, grad_scaler=None):
+        """One optimisation step on every rank (collective). See the module docstring for phases.
+
+        ``grad_scaler`` is passed by ``torch.amp.GradScaler.step(opt)``, never by users: the
+        averaged gradients are unscaled here (or were by the DDP hook), and the step is skipped on
+        every rank when any averaged gradient is inf/NaN.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -287,6 +330,10 @@ class _ShardedOptimizer(Optimizer):
                 from .hooks import check_not_under_plain_ddp
                 check_not_under_plain_ddp(self)
         shards = self._reduced_gradients()
+        if grad_scaler is not None and self._amp_unscale_and_check(grad_scaler, shards):
+            self._reset_exchange()
+            self._comm.stats.end_step()
+            return loss
         matrix = [bi for bi, b in enumerate(self._buckets) if b.kind == "matrix"]
         if matrix:
             self._matrix_step(matrix, shards)

@@ -185,3 +185,50 @@ def test_misuse_gets_clear_errors():
         assert "does not train" in errors["foreign_params"]
         assert "ShardedLeo or ShardedLion" in errors["not_sharded"]
         assert "attach" in errors["default_hook"]
+
+
+def _amp_train(rank, world, use_ddp, bad_step):
+    net = GradProbe(make_params())
+    model = DDP(net, bucket_cap_mb=0.0002) if use_ddp else net
+    opt = leo_dist.ShardedLeo(groups_for(list(net.ps), "leo"), bucket_mb=1e-4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    if use_ddp:
+        leo_dist.hooks.attach(model, opt, grad_scaler=scaler)
+    scales = []
+    for step in range(8):
+        grads = [local_grad(step * 7, rank, p.shape, True) for p in net.ps]
+        if step == bad_step and rank == world - 1:
+            grads[0] = grads[0].clone()
+            grads[0].view(-1)[0] = float("inf")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(grads)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        opt.clip_grad_norm_(10.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        scales.append(scaler.get_scale())
+    return [p.detach().clone() for p in net.ps], scales
+
+
+@pytest.mark.parametrize("use_ddp", [True, False])
+def test_grad_scaler_unscale_clip_and_skip_agree_across_ranks(use_ddp):
+    world, bad_step = 2, 3
+    out = run_ranks(_amp_train, world, use_ddp, bad_step)
+    assert out[0][1] == out[1][1], "loss scales diverged across ranks"
+    assert out[0][1][bad_step] == 2.0**9, "the scaler did not back off after the inf"
+    for a, b in zip(out[0][0], out[1][0]):
+        assert torch.equal(a, b)
+    # oracle: the same averaged gradients, clipped, with the bad step skipped
+    params = make_params()
+    opt = leo_dist.Leo(groups_for(params, "leo"))
+    for step in range(8):
+        if step == bad_step:
+            continue
+        for p in params:
+            p.grad = sum(local_grad(step * 7, r, p.shape, True) for r in range(world)) / world
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        opt.step()
+    for got, want in zip(out[0][0], params):
+        assert rel_err(got, want.detach()) <= 2e-6
