@@ -238,3 +238,34 @@ def test_world_of_one_without_process_group_matches_oracle():
     for p, q in zip(params, oracle_params):
         assert rel_err(opt.state[p]["exp_avg"].view_as(p), oracle.state[q]["exp_avg"]) <= 1e-6
     assert opt.comm_stats()["total"]["sum"]["calls"] == 0
+
+
+def _mixed_dtypes(rank, world):
+    params = make_params(SHAPES[:5]) + make_params(SHAPES[5:], dtype=torch.bfloat16)
+    opt = leo_dist.ShardedLeo(groups_for(params, "leo"), bucket_mb=1e-4)
+    for step in range(STEPS):
+        for p in params:
+            p.grad = local_grad(step, rank, p.shape, True).to(p.dtype)
+        opt.step()
+    kinds = {(b.kind, b.dtype) for b in opt._buckets}
+    return [p.detach().clone() for p in params], params_hash(params), sorted(map(str, kinds))
+
+
+def test_mixed_dtypes_get_separate_buckets_and_match_oracle():
+    world = 2
+    out = run_ranks(_mixed_dtypes, world)
+    assert out[0][1] == out[1][1]
+    assert any("bfloat16" in k for k in out[0][2]) and any("float32" in k for k in out[0][2])
+    params = make_params(SHAPES[:5]) + make_params(SHAPES[5:], dtype=torch.bfloat16)
+    opt = leo_dist.Leo(groups_for(params, "leo"))
+    for step in range(STEPS):
+        for p in params:
+            p.grad = averaged_grad(step, world, p.shape, True).to(p.dtype)
+        opt.step()
+    for got, want in zip(out[0][0], params):
+        if got.dtype == torch.bfloat16:
+            # Leo's bf16 matrices: the update travels in bf16 (update_comm="exact" sends the parameter
+            # dtype), one rounding more than the oracle: allow one bf16 ulp per step, as for bf16 Leo.
+            assert rel_err(got, want.detach()) <= STEPS * 2.0**-8
+        else:
+            assert rel_err(got, want.detach()) <= 2e-6
