@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before a stuck collective raises instead of hanging (default: 600)")
 
     g = p.add_argument_group("evaluation, logging and checkpoints")
-    g.add_argument("--log-interval", type=_int_at_least(1), default=10,
-                   help="print the training loss every N steps (default: 10)")
+    g.add_argument("--log-interval", type=_int_at_least(1), default=20,
+                   help="print the training loss every N steps (default: 20)")
     g.add_argument("--eval-interval", type=_int_at_least(0), default=50,
                    help="compute the validation loss every N steps and at the end; 0: only at the end (default: 50)")
     g.add_argument("--eval-batches", type=_int_at_least(1), default=16,
@@ -482,22 +482,21 @@ def fmt_bytes(n: float | None) -> str:
 class Reporter:
     """Rank 0's console output (through tqdm when a bar is shown) and the optional JSON-lines file."""
 
-    def __init__(self, args, d: Dist, start_step: int):
+    def __init__(self, args, d: Dist):
         self.enabled = d.is_main
         self.bar = None
-        self.metrics = None
-        if not self.enabled:
+        self.metrics = _open_metrics(args.metrics_file) if self.enabled and args.metrics_file else None
+
+    def start_bar(self, args, start_step: int) -> None:
+        if not self.enabled or args.no_progress or not sys.stderr.isatty():
             return
-        if not args.no_progress and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                print("note: install tqdm for a progress bar (pip install tqdm)", flush=True)
-            else:
-                self.bar = tqdm(total=args.steps, initial=start_step, unit="step", dynamic_ncols=True,
-                                leave=False)
-        if args.metrics_file:
-            self.metrics = _open_metrics(args.metrics_file)
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.log("note: install tqdm for a progress bar (pip install tqdm)")
+            return
+        self.bar = tqdm(total=args.stop_at_step or args.steps, initial=start_step, unit="step",
+                        dynamic_ncols=True, leave=False)
 
     def log(self, msg: str) -> None:
         if not self.enabled:
@@ -578,30 +577,35 @@ def train(args, d: Dist) -> int:
 
     start_step = 0
     resume_path = resolve_resume(args, d)
-    rep = Reporter(args, d, 0)
+    rep = Reporter(args, d)
     if resume_path is not None:
         start_step = load_checkpoint(resume_path, args, d, core, opt, rep.log)
     elif args.resume:
         rep.log(f"no checkpoint in {args.checkpoint_dir}; starting from step 0")
-    if rep.bar is not None:
-        rep.bar.n = start_step
-        rep.bar.refresh()
+    rep.start_bar(args, start_step)
 
     tokens_per_step = args.batch_size * cfg.block_size * d.world
     grad_bytes = 2 if args.grad_comm == "bf16" and not sharded else 4
     ddp_ref = ddp_reference_bytes(n_params, d.world)
     mode = ("DDP + leo_dist hook" if sharded else "DDP") if args.ddp else ("standalone" if sharded else "local")
+    details = [mode]
+    if sharded:
+        details.append(f"grad_comm {args.grad_comm}")
+    if args.optimizer == "sharded_leo":
+        details.append(f"update_comm {args.update_comm}")
     rep.log(f"leo_dist demo | world {d.world} ({d.backend}, {d.device.type}) | preset {args.preset}: "
-            f"{n_params / 1e6:.2f}M params, block {cfg.block_size} | optimizer {args.optimizer} ({mode}"
-            + (f", grad_comm {args.grad_comm}" + (f", update_comm {args.update_comm}" if args.optimizer == "sharded_leo" else "")
-               if sharded else "") + ")"
-            + f" | {args.batch_size} seq/rank, {tokens_per_step} tokens/step | lr {args.lr:g}")
+            f"{n_params / 1e6:.2f}M params, block {cfg.block_size} | optimizer {args.optimizer} ({', '.join(details)})"
+            f" | {args.batch_size} seq/rank, {tokens_per_step} tokens/step | lr {args.lr:g}")
+    if sharded:
+        bytes_source = "optimizer bytes are what opt.comm_stats() reports"
+    elif args.ddp:
+        bytes_source = ("this run's bytes are DDP's all-reduce by the same cost model"
+                        + (" at 2 bytes/element (bf16 hook)" if grad_bytes == 2 else ""))
+    else:
+        bytes_source = "this run has no gradient collectives"
     rep.log(f"bytes: DDP fp32 reference = ring all-reduce cost model 2*(W-1)/W*4*N = {fmt_bytes(ddp_ref)} "
             f"sent per rank per step (W={d.world}, N={n_params}); "
-            + ("optimizer bytes are what opt.comm_stats() reports" if sharded else
-               "this run's bytes are DDP's all-reduce by the same cost model"
-               + (" at 2 bytes/element (bf16 hook)" if grad_bytes == 2 else "") if args.ddp else
-               "this run has no gradient collectives"))
+            + bytes_source)
     if args.optimizer == "sharded_leo" and args.update_comm == "exact" and d.world > 1:
         rep.log("note: with --update-comm exact, Leo's 2-D updates travel in fp32 (bit-exact Leo, SPEC §2), so "
                 "matrices cost as much as in ZeRO; only the sign parameters travel as 1 bit. sharded_lion "
@@ -618,7 +622,8 @@ def train(args, d: Dist) -> int:
     step_times: list[float] = []
     sent_per_step: list[float] = []
     recv_per_step: list[float] = []
-    window_t0, window_steps = time.perf_counter(), 0
+    # tokens/s covers training only: evaluation and checkpoint time is subtracted from the window.
+    window_t0, window_steps, window_paused = time.perf_counter(), 0, 0.0
     last_loss = val_loss = None
     model.train()
     for step in range(start_step + 1, end_step + 1):
@@ -650,34 +655,32 @@ def train(args, d: Dist) -> int:
             recv = float(sum(c["received"] for c in last_comm.values()))
         else:
             sent = recv = ddp_reference_bytes(n_params, d.world, grad_bytes) if args.ddp else 0.0
-        if sent is not None:
-            sent_per_step.append(sent)
-        if recv is not None:
-            recv_per_step.append(recv)
+        sent_per_step.append(sent)
+        recv_per_step.append(recv)
 
         if step % args.log_interval == 0 or step == end_step:
             (last_loss,) = d.mean([loss.item()])
-            elapsed = time.perf_counter() - window_t0
+            elapsed = time.perf_counter() - window_t0 - window_paused
             tok_s = window_steps * tokens_per_step / elapsed
-            ratio = f"{sent / ddp_ref:.3f}x DDP fp32" if sent is not None and ddp_ref > 0 else "W=1: DDP sends nothing"
+            ratio = f"{sent / ddp_ref:.3f}x DDP fp32" if ddp_ref > 0 else "W=1: DDP sends nothing"
             rep.log(f"step {step:>6}/{args.steps} | loss {last_loss:.6f} | lr {args.lr * factor:.2e} | "
                     f"{tok_s:,.0f} tok/s | sent {fmt_bytes(sent)}/step/rank ({ratio})")
             rep.record(kind="train", step=step, loss=last_loss, lr=args.lr * factor, tokens_per_s=tok_s,
                        sent_bytes=sent, received_bytes=recv, ddp_fp32_bytes=ddp_ref)
-            window_t0, window_steps = time.perf_counter(), 0
+            window_t0, window_steps, window_paused = time.perf_counter(), 0, 0.0
         rep.advance(last_loss)
 
+        t_pause = time.perf_counter()
         if (args.eval_interval and step % args.eval_interval == 0) or step == end_step:
             val_loss = evaluate(core, val_ids, args, cfg, d)
             rep.log(f"eval  {step:>6}/{args.steps} | val loss {val_loss:.6f}")
             rep.record(kind="eval", step=step, val_loss=val_loss)
-            window_t0 = time.perf_counter()  # keep evaluation out of tokens/s
 
         if args.checkpoint_dir and ((args.checkpoint_interval and step % args.checkpoint_interval == 0)
                                     or step == end_step):
             path = save_checkpoint(args, d, core, opt, step)
             rep.log(f"checkpoint step {step} -> {path}")
-            window_t0 = time.perf_counter()
+        window_paused += time.perf_counter() - t_pause
 
     # The first step includes DDP's bucket rebuild and lazy state allocation; leave it out.
     timed = step_times[1:] or step_times

@@ -255,8 +255,55 @@ void apply_signs(void *p, const uint8_t *bits, const uint8_t *zeros, int64_t n, 
     }
 }
 
-/* Leo 2-D, pass 1: row and column sums of c^2 of an (R, C) matrix, float64, per-thread partials
-   in acc[nthreads][R + C] (zeroed by the caller), summed into acc[0]. */
+/* Leo 2-D passes walk a thread's flat range [lo, hi) row segment by row segment [j0, j1), so that
+   the inner loop runs over contiguous columns with the row fixed and vectorises; `omp simd
+   reduction` lets the compiler reorder the float64 sums (the only results not bitwise equal to
+   torch's). */
+/* Row-segment loops, always inlined so that calls with literal dtype codes compile to
+   straight float32 loops; the lerp branch is a loop invariant the compiler hoists. */
+static inline __attribute__((always_inline)) double
+sumsq_seg(const void *g, const void *m, int gc, int mc, int64_t base, int64_t j0, int64_t j1,
+          lerp_consts k, double *cols) {
+    double rs = 0.0;
+    #pragma omp simd reduction(+: rs)
+    for (int64_t j = j0; j < j1; ++j) {
+        float c = lerp(ld(g, gc, base + j), ld(m, mc, base + j), k.b1, k.b1m1, k.b1small);
+        double c2 = (double)c * (double)c;
+        rs += c2; cols[j] += c2;
+    }
+    return rs;
+}
+
+static inline __attribute__((always_inline)) double
+usq_seg(const void *g, const void *m, int gc, int mc, int64_t base, int64_t j0, int64_t j1,
+        lerp_consts k, float rrow, const float *kk) {
+    double s = 0.0;
+    #pragma omp simd reduction(+: s)
+    for (int64_t j = j0; j < j1; ++j) {
+        float c = lerp(ld(g, gc, base + j), ld(m, mc, base + j), k.b1, k.b1m1, k.b1small);
+        float u = c / rrow + c / kk[j];
+        s += (double)u * (double)u;
+    }
+    return s;
+}
+
+static inline __attribute__((always_inline)) void
+apply_seg(void *p, const void *g, void *m, int pc, int gc, int mc, int64_t base, int64_t j0, int64_t j1,
+          lerp_consts k, float rrow, const float *kk, float s, int use_decay, float decay, float neg_lr) {
+    for (int64_t j = j0; j < j1; ++j) {
+        int64_t i = base + j;
+        float gf = ld(g, gc, i), mf = ld(m, mc, i);
+        float c = lerp(gf, mf, k.b1, k.b1m1, k.b1small);
+        float u = (c / rrow + c / kk[j]) * s;
+        float pf = ld(p, pc, i);
+        if (use_decay) pf = pf * decay;
+        st(p, pc, i, fmaf(neg_lr, u, pf));
+        st(m, mc, i, lerp(mf, gf, k.w2, k.w2m1, k.w2small));
+    }
+}
+
+/* Pass 1: row and column sums of c^2 of an (R, C) matrix, float64, per-thread partials in
+   acc[nthreads][R + C] (zeroed by the caller), summed into acc[0]. */
 void leo2d_sumsq(const void *g, const void *m, int64_t R, int64_t C, int gc, int mc, float beta1,
                  double *acc, int nthreads) {
     lerp_consts k = make_consts(beta1, 0.0f);
@@ -268,21 +315,17 @@ void leo2d_sumsq(const void *g, const void *m, int64_t R, int64_t C, int gc, int
         double *rows = acc + (int64_t)t * (R + C), *cols = rows + R;
         int64_t lo, hi;
         split(n, t, omp_get_num_threads(), 64, &lo, &hi);
-        int64_t r = lo / C, col = lo % C;
-        double rs = 0.0;
-        for (int64_t i = lo; i < hi; ++i) {
-            float c = lerp(ld(g, gc, i), ld(m, mc, i), k.b1, k.b1m1, k.b1small);
-            double c2 = (double)c * (double)c;
-            rs += c2; cols[col] += c2;
-            if (++col == C) { rows[r] += rs; rs = 0.0; col = 0; ++r; }
+        for (int64_t r = lo / C, base = (lo / C) * C; base < hi; ++r, base += C) {
+            int64_t j0 = lo > base ? lo - base : 0, j1 = hi - base < C ? hi - base : C;
+            rows[r] += (gc == 0 && mc == 0) ? sumsq_seg(g, m, 0, 0, base, j0, j1, k, cols)
+                                             : sumsq_seg(g, m, gc, mc, base, j0, j1, k, cols);
         }
-        if (col) rows[r] += rs;
     }
     for (int t = 1; t < nth; ++t)
         for (int64_t j = 0; j < R + C; ++j) acc[j] += acc[(int64_t)t * (R + C) + j];
 }
 
-/* Leo 2-D, pass 2: sum of u^2, u = c/rr[row] + c/kk[col] (rr = r + eps, kk = k + eps). */
+/* Pass 2: sum of u^2, u = c/rr[row] + c/kk[col] (rr = r + eps, kk = k + eps). */
 double leo2d_usq(const void *g, const void *m, int64_t R, int64_t C, int gc, int mc, float beta1,
                  const float *rr, const float *kk, int nthreads) {
     lerp_consts k = make_consts(beta1, 0.0f);
@@ -293,18 +336,16 @@ double leo2d_usq(const void *g, const void *m, int64_t R, int64_t C, int gc, int
     {
         int64_t lo, hi;
         split(n, omp_get_thread_num(), omp_get_num_threads(), 64, &lo, &hi);
-        int64_t r = lo / C, col = lo % C;
-        for (int64_t i = lo; i < hi; ++i) {
-            float c = lerp(ld(g, gc, i), ld(m, mc, i), k.b1, k.b1m1, k.b1small);
-            float u = c / rr[r] + c / kk[col];
-            total += (double)u * (double)u;
-            if (++col == C) { col = 0; ++r; }
+        for (int64_t r = lo / C, base = (lo / C) * C; base < hi; ++r, base += C) {
+            int64_t j0 = lo > base ? lo - base : 0, j1 = hi - base < C ? hi - base : C;
+            total += (gc == 0 && mc == 0) ? usq_seg(g, m, 0, 0, base, j0, j1, k, rr[r], kk)
+                                          : usq_seg(g, m, gc, mc, base, j0, j1, k, rr[r], kk);
         }
     }
     return total;
 }
 
-/* Leo 2-D, pass 3: p <- p*(1 - lr*wd) - lr*(s*u); m <- lerp(m, g, 1 - beta2). */
+/* Pass 3: p <- p*(1 - lr*wd) - lr*(s*u); m <- lerp(m, g, 1 - beta2). */
 void leo2d_apply(void *p, const void *g, void *m, int64_t R, int64_t C, int pc, int gc, int mc,
                  float beta1, float w2, const float *rr, const float *kk, float s,
                  int use_decay, float decay, float neg_lr, int nthreads) {
@@ -315,16 +356,12 @@ void leo2d_apply(void *p, const void *g, void *m, int64_t R, int64_t C, int pc, 
     {
         int64_t lo, hi;
         split(n, omp_get_thread_num(), omp_get_num_threads(), 64, &lo, &hi);
-        int64_t r = lo / C, col = lo % C;
-        for (int64_t i = lo; i < hi; ++i) {
-            float gf = ld(g, gc, i), mf = ld(m, mc, i);
-            float c = lerp(gf, mf, k.b1, k.b1m1, k.b1small);
-            float u = (c / rr[r] + c / kk[col]) * s;
-            float pf = ld(p, pc, i);
-            if (use_decay) pf = pf * decay;
-            st(p, pc, i, pf + neg_lr * u);
-            st(m, mc, i, lerp(mf, gf, k.w2, k.w2m1, k.w2small));
-            if (++col == C) { col = 0; ++r; }
+        for (int64_t r = lo / C, base = (lo / C) * C; base < hi; ++r, base += C) {
+            int64_t j0 = lo > base ? lo - base : 0, j1 = hi - base < C ? hi - base : C;
+            if (pc == 0 && gc == 0 && mc == 0)
+                apply_seg(p, g, m, 0, 0, 0, base, j0, j1, k, rr[r], kk, s, use_decay, decay, neg_lr);
+            else
+                apply_seg(p, g, m, pc, gc, mc, base, j0, j1, k, rr[r], kk, s, use_decay, decay, neg_lr);
         }
     }
 }
@@ -394,6 +431,13 @@ def _compile() -> ctypes.CDLL:
     return lib
 
 
+def _need() -> ctypes.CDLL:
+    lib = _get()
+    if lib is None:
+        raise RuntimeError(f"leo_dist.cpu_step is not available ({build_info()}); check available() first")
+    return lib
+
+
 def _get() -> ctypes.CDLL | None:
     global _lib, _tried
     if _tried:
@@ -445,7 +489,7 @@ def lion_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     Same contract as :func:`leo_dist.functional.lion_update`; ``params`` and ``exp_avgs`` are
     modified in place. Every tensor must satisfy :func:`supports`; call only when :func:`available`.
     """
-    lib = _get()
+    lib = _need()
     n = len(params)
     if n == 0:
         return
@@ -465,7 +509,7 @@ def lion_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
 
 def _leo2d_(p: Tensor, g: Tensor, m: Tensor, *, lr: float, beta1: float, beta2: float, weight_decay: float,
             align_const: float, eps: float) -> None:
-    lib = _get()
+    lib = _need()
     R, C = p.shape
     nt = _nthreads()
     gc, mc, pc = _CODES[g.dtype], _CODES[m.dtype], _CODES[p.dtype]
@@ -503,7 +547,7 @@ def leo_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
 def sign_shard_step_(grad: Tensor, exp_avg: Tensor, bits: Tensor, zeros: Tensor, n_valid: int,
                      beta1: float, beta2: float) -> Tensor:
     """C version of :func:`leo_dist.local_step.sign_shard_step_` (same contract, bitwise equal)."""
-    lib = _get()
+    lib = _need()
     S = check_shard_args(grad, exp_avg, bits, zeros, n_valid)
     any_zero = lib.sign_shard(grad.data_ptr(), exp_avg.data_ptr(), bits.data_ptr(), zeros.data_ptr(), S,
                               n_valid, _CODES[grad.dtype], _CODES[exp_avg.dtype], beta1, 1.0 - beta2, _nthreads())
@@ -536,7 +580,7 @@ def check_apply_args(param: Tensor, bits: Tensor, zeros: Tensor | None) -> None:
 def apply_signs_(param: Tensor, bits: Tensor, zeros: Tensor | None, lr: float, weight_decay: float,
                  scale: float) -> None:
     """C version of :func:`leo_dist.local_step.apply_signs_` (same contract)."""
-    lib = _get()
+    lib = _need()
     check_apply_args(param, bits, zeros)
     use_decay, decay = _decay(lr, weight_decay)
     lib.apply_signs(param.data_ptr(), bits.data_ptr(), zeros.data_ptr() if zeros is not None else None,

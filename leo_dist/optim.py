@@ -86,6 +86,11 @@ class _MomentumSignOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        from . import fsdp as _fsdp  # DTensor (FSDP2) params: cross-shard Leo norms, see leo_dist/fsdp.py
+        if _fsdp.any_dtensor(self.param_groups):
+            _fsdp.dtensor_step_(self, [(g, *self._gather(g)) for g in self.param_groups],
+                                rule="leo" if isinstance(self, Leo) else "lion", fused=self._fused)
+            return loss
         for group in self.param_groups:
             params, grads, exp_avgs = self._gather(group)
             if params:

@@ -112,7 +112,7 @@ def test_world_of_two_resume_matches_uninterrupted_run(tmp_path):
                     "--metrics-file", str(tmp_path / "full.jsonl")], nproc=2)
     assert re.search(r"^step +6/6 \| loss \d+\.\d+ .*\| sent [\d.]+ [KM]B/step/rank \(\d\.\d{3}x DDP fp32\)",
                      out, re.M), out
-    assert re.search(r"^  reduce_scatter +[\d.]+ [KM]B sent", out, re.M), out
+    assert re.search(r"^ +reduce_scatter +[\d.]+ [KM]B sent", out, re.M), out
     ckpt = tmp_path / "full" / "ckpt_00000003.pt"
     assert ckpt.is_file()
     out = run_demo([*common, "--checkpoint-dir", str(tmp_path / "resumed"), "--resume", str(ckpt),

@@ -77,6 +77,11 @@ class Config:
     leo_dist: bool = False
     probe: Callable[[], str | None] = field(default=lambda: None)
     default: bool = True
+    # A configuration whose every step is bitwise the same arithmetic on the same bytes (the DDP-hook
+    # variant of a standalone optimizer): by default the driver runs it only through its timed
+    # windows and the report takes the loss curve from the twin, after checking that their
+    # per-step training losses agree exactly over the steps both ran.
+    twin: str | None = None
 
     def unavailable(self) -> str | None:
         """None when this configuration can run here, else why not."""
@@ -315,7 +320,8 @@ for _grad in ("fp32", "bf16"):
     register(Config(f"leo_lion_{_grad}", f"ShardedLion, {_grad} grads", "lion", "lion", _sharded("lion", _grad, False),
                     _c, leo_dist=True, probe=_probe_sharded("lion", _grad)))
     register(Config(f"leo_lion_{_grad}_ddp", f"ShardedLion, {_grad} grads, DDP hook", "lion", "lion",
-                    _sharded("lion", _grad, True), _c, leo_dist=True, probe=_probe_sharded("lion", _grad, hook=True)))
+                    _sharded("lion", _grad, True), _c, leo_dist=True, probe=_probe_sharded("lion", _grad, hook=True),
+                    twin=f"leo_lion_{_grad}"))
 register(Config("leo_leo_bf16", "ShardedLeo, bf16 grads, exact matrix updates", "leo", "leo",
                 _sharded("leo", "bf16", False), cost_leo_leo_bf16, leo_dist=True, probe=_probe_sharded("leo", "bf16")))
 register(Config("leo_leo_fp32", "ShardedLeo, fp32 grads, exact matrix updates", "leo", "leo",

@@ -166,6 +166,8 @@ def main() -> None:
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)
+    dist.barrier()
+    del fwd, opt
     dist.destroy_process_group()
 
 
