@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wire dtype of the gradient reduce-scatter of the sharded optimizers. With a "
                         "non-sharded optimizer and --ddp, bf16 registers torch's bf16 compress hook "
                         "(NCCL only); 1bit is sharded-only (default: fp32)")
+    g.add_argument("--grad-comm-warmup", type=_int_at_least(0), default=None, metavar="STEPS",
+                   help="with --grad-comm 1bit: steps that still send uncompressed gradients first "
+                        "(default: the optimizer's)")
     g.add_argument("--update-comm", choices=("exact", "1bit"), default="exact",
                    help="sharded_leo only: how Leo's 2-D updates travel: exact (parameter dtype) or 1bit "
                         "(signs + scales with error feedback) (default: exact)")
@@ -192,6 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sharded = args.optimizer in SHARDED
     if args.update_comm != "exact" and args.optimizer != "sharded_leo":
         parser.error("--update-comm only applies to --optimizer sharded_leo")
+    if args.grad_comm_warmup is not None and args.grad_comm != "1bit":
+        parser.error("--grad-comm-warmup only applies with --grad-comm 1bit")
     if not sharded and args.grad_comm == "1bit":
         parser.error("--grad-comm 1bit needs a sharded optimizer (sharded_leo or sharded_lion)")
     if not sharded and args.grad_comm == "bf16" and not args.ddp:
@@ -331,12 +336,13 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
         groups = leo_dist.leo_param_groups(model, weight_decay=args.weight_decay)
     else:
         groups = _decay_groups(model, args.weight_decay)
+    comm_kw: dict[str, Any] = dict(process_group=None, grad_comm=args.grad_comm, bucket_mb=args.bucket_mb)
+    if args.grad_comm_warmup is not None:
+        comm_kw["grad_comm_warmup"] = args.grad_comm_warmup
     if args.optimizer == "sharded_leo":
-        return ShardedLeo(groups, process_group=None, grad_comm=args.grad_comm, update_comm=args.update_comm,
-                          bucket_mb=args.bucket_mb, lr=args.lr, betas=betas)
+        return ShardedLeo(groups, update_comm=args.update_comm, lr=args.lr, betas=betas, **comm_kw)
     if args.optimizer == "sharded_lion":
-        return ShardedLion(groups, process_group=None, grad_comm=args.grad_comm, bucket_mb=args.bucket_mb,
-                           lr=args.lr, betas=betas)
+        return ShardedLion(groups, lr=args.lr, betas=betas, **comm_kw)
     if fam == "leo":
         return leo_dist.Leo(groups, lr=args.lr, betas=betas)
     if fam == "lion":
@@ -562,14 +568,14 @@ def train(args, d: Dist) -> int:
 
     try:
         opt = build_optimizer(args, core)  # sharded ones broadcast rank 0's parameters, as DDP does
-    except NotImplementedError as exc:
+    except (NotImplementedError, TypeError) as exc:  # a mode or keyword this leo_dist lacks
         raise SystemExit(f"error: {exc}") from None
     model: torch.nn.Module = core
     if args.ddp:
         model = DDP(core, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         if sharded:
-            import leo_dist.hooks
-            leo_dist.hooks.attach(model, opt)
+            from leo_dist import hooks as leo_hooks
+            leo_hooks.attach(model, opt)
         elif args.grad_comm == "bf16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
             model.register_comm_hook(None, default_hooks.bf16_compress_hook)
@@ -608,8 +614,8 @@ def train(args, d: Dist) -> int:
             + bytes_source)
     if args.optimizer == "sharded_leo" and args.update_comm == "exact" and d.world > 1:
         rep.log("note: with --update-comm exact, Leo's 2-D updates travel in fp32 (bit-exact Leo, SPEC §2), so "
-                "matrices cost as much as in ZeRO; only the sign parameters travel as 1 bit. sharded_lion "
-                "sends 1 bit for every parameter")
+                "matrices cost as much as in ZeRO; only the sign parameters travel as 1 bit. --update-comm 1bit "
+                "sends them as signs + scales; sharded_lion sends 1 bit for every parameter")
     if start_step:
         rep.log(f"resumed from {resume_path} at step {start_step}")
     end_step = args.stop_at_step or args.steps
@@ -700,7 +706,8 @@ def train(args, d: Dist) -> int:
         *[(f"  {kind}", f"{fmt_bytes(c['sent'])} sent in {c['calls']} call(s) (last step)")
           for kind, c in last_comm.items()],
         ("DDP fp32 bytes/step", f"{fmt_bytes(ddp_ref)} per rank (cost model 2*(W-1)/W*4*N)"),
-        ("ratio vs DDP fp32", f"{ratio:.3f}" if ratio is not None else "n/a (world of 1: DDP sends nothing)"),
+        ("ratio vs DDP fp32", f"{ratio:.3f} (mean), {sent_per_step[-1] / ddp_ref:.3f} (last step)"
+         if ratio is not None else "n/a (world of 1: DDP sends nothing)"),
     ]
     width = max(len(k) for k, _ in rows)
     rep.log("summary")

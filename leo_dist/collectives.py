@@ -21,6 +21,7 @@ chunks in rank order (which also makes the sum deterministic); on NCCL ``reduce_
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,6 +67,17 @@ class CommStats:
             c.bytes_out += bytes_out
             c.sent += sent
             c.received += received
+
+    @contextmanager
+    def outside_step(self):
+        """Book the collectives inside the block in the total only, not in the step in progress
+        (construction, checkpoints, replica checks are not part of a training step)."""
+        saved = self.current
+        self.current = defaultdict(_Count)
+        try:
+            yield
+        finally:
+            self.current = saved
 
     def end_step(self) -> None:
         self.last = dict(self.current)
@@ -178,6 +190,16 @@ class Comm:
         dist.broadcast(t, src=dist.get_global_rank(self.group, src_rank), group=self.group)
         n = t.numel() * t.element_size()
         self._count("broadcast", t, t, n if self.rank == src_rank else 0, 0 if self.rank == src_rank else n)
+
+    def all_to_all_start(self, out: Tensor, inp: Tensor):
+        """Asynchronous ``all_to_all_single`` with equal splits; returns a work handle (``.wait()``)."""
+        if not self.distributed:
+            out.copy_(inp)
+            return _Done()
+        work = dist.all_to_all_single(out, inp, group=self.group, async_op=True)
+        moved = (self.world - 1) * inp.numel() * inp.element_size() // self.world
+        self._count("all_to_all", inp, out, moved, moved)
+        return work
 
     def all_to_all(self, out: Tensor, inp: Tensor) -> None:
         """``all_to_all_single`` with equal splits."""

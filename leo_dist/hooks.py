@@ -121,7 +121,9 @@ def check_not_under_plain_ddp(optimizer: Any) -> None:
     """
     mine = set(optimizer._where)
     for obj in gc.get_objects():
-        if isinstance(obj, DistributedDataParallel):
+        # type() rather than isinstance(): the latter asks some module-level objects (torch's
+        # deprecated reduce_op) for their class and makes them warn
+        if issubclass(type(obj), DistributedDataParallel):
             if any(id(p) in mine for p in obj.parameters()):
                 if not any(h is reduce_scatter_hook for h, _ in obj._comm_hooks):
                     raise RuntimeError(

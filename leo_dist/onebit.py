@@ -79,7 +79,8 @@ def decode_grad(recv: Tensor, world: int, shard: int) -> Tensor:
     nb = shard // 8
     n_chunks = _chunks(shard)
     signs = unpack_signs(recv[:, :nb].contiguous().view(-1), world * shard).view(world, shard)
-    scales = recv[:, nb:].contiguous().view(torch.float32).view(world, n_chunks)
+    # a fresh copy: the float32 view needs 4-byte aligned storage
+    scales = recv[:, nb:].reshape(-1).clone().view(torch.float32).view(world, n_chunks)
     vals = signs * scales.repeat_interleave(GRAD_CHUNK, dim=1)[:, :shard]
     total = vals[0].clone()
     for r in range(1, world):

@@ -35,11 +35,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
-from . import local_step
+from . import local_step, onebit
 from .collectives import Comm
 from .dispatch import resolve_fused
 from .matrix import MatrixSlice, NormLayout, add_row_col_sumsq_, direction_
-from .partition import Bucket, Slot, build_buckets
+from .packing import pack_mask, pack_signs, unpack_signs
+from .partition import Bucket, Slot, build_buckets, rows_cols_pieces
 from .validation import check_grad, check_hyperparameters, check_momentum_dtype, check_param
 
 __all__ = ["ShardedLion", "ShardedLeo"]
@@ -48,7 +49,8 @@ __all__ = ["ShardedLion", "ShardedLeo"]
 # FutureWarning about a future protocol that would not let us make found_inf agree across ranks.
 warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
 
-_GRAD_COMMS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# grad_comm -> dtype the local gradients are staged in (1bit compresses from float32)
+_GRAD_COMMS = {"fp32": torch.float32, "bf16": torch.bfloat16, "1bit": torch.float32}
 _MAX_INFLIGHT = 2
 _HEADER = 8  # bytes after each rank's packed bits: byte 0 says "this shard has exact zeros"
 
@@ -69,14 +71,13 @@ class _ShardedOptimizer(Optimizer):
     _leo = False
 
     def __init__(self, params, defaults: dict[str, Any], *, process_group, grad_comm: str, update_comm: str,
-                 bucket_mb: float, momentum_dtype, fused, sync_params: bool):
-        if grad_comm == "1bit" or update_comm == "1bit":
-            raise NotImplementedError("grad_comm='1bit' and update_comm='1bit' are not implemented in this "
-                                      "version; use grad_comm='fp32' or 'bf16' and update_comm='exact'")
+                 bucket_mb: float, momentum_dtype, fused, sync_params: bool, grad_comm_warmup: int = 10):
         if grad_comm not in _GRAD_COMMS:
-            raise ValueError(f"grad_comm must be one of {sorted(_GRAD_COMMS)} (or '1bit'), got {grad_comm!r}")
-        if update_comm != "exact":
-            raise ValueError(f"update_comm must be 'exact' (or '1bit'), got {update_comm!r}")
+            raise ValueError(f"grad_comm must be one of {sorted(_GRAD_COMMS)}, got {grad_comm!r}")
+        if update_comm not in ("exact", "1bit"):
+            raise ValueError(f"update_comm must be 'exact' or '1bit', got {update_comm!r}")
+        if isinstance(grad_comm_warmup, bool) or not isinstance(grad_comm_warmup, int) or grad_comm_warmup < 0:
+            raise ValueError(f"grad_comm_warmup must be a non-negative int, got {grad_comm_warmup!r}")
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be a positive number, got {bucket_mb!r}")
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
@@ -86,6 +87,8 @@ class _ShardedOptimizer(Optimizer):
         self._momentum_dtype = check_momentum_dtype(momentum_dtype)
         self.grad_comm, self.update_comm = grad_comm, update_comm
         self._wire = _GRAD_COMMS[grad_comm]
+        self.grad_comm_warmup = grad_comm_warmup
+        self._steps_done = 0
         self._frozen = False
         super().__init__(params, defaults)
         self._frozen = True
@@ -113,9 +116,10 @@ class _ShardedOptimizer(Optimizer):
         for bi, b in enumerate(self._buckets):
             for s in b.slots:
                 self._where[id(s.param)] = (bi, s)
-        self._check_same_layout_everywhere()
-        if sync_params:
-            self._broadcast_params()
+        with self._comm.stats.outside_step():
+            self._check_same_layout_everywhere()
+            if sync_params:
+                self._broadcast_params()
         self._init_state()
         self._reset_exchange()
         self._hook_attached = False
@@ -191,6 +195,23 @@ class _ShardedOptimizer(Optimizer):
                     self._slices.setdefault(bi, []).append((s, MatrixSlice(j, r, c, a, e)))
         self._norm_layout = NormLayout(shapes)
         self._matrix_numel = [r * c for r, c in shapes]
+        self._row_offsets = [sum(r for r, _ in shapes[:j]) for j in range(len(shapes))]
+        self._row_layout_size = sum(r for r, _ in shapes)
+        # every matrix of each bucket with its index in the layout (all ranks decode all of them)
+        self._all_matrix_slots: dict[int, list[tuple[Slot, int]]] = {}
+        j = 0
+        for bi, b in enumerate(self._buckets):
+            if b.kind == "matrix":
+                self._all_matrix_slots[bi] = [(s, j + k) for k, s in enumerate(b.slots)]
+                j += len(b.slots)
+        self._grad_error: dict[int, Tensor] = {}
+        self._update_error: dict[int, Tensor] = {}
+        if self.update_comm == "1bit":
+            for bi in self._all_matrix_slots:
+                e = self._update_error[bi] = torch.zeros(self._buckets[bi].shard, dtype=torch.float32,
+                                                         device=self._device)
+                for s, sl, x in self._slice_views(bi, e):
+                    self.state[s.param]["update_error"] = x
 
     # ----------------------------------------------------------------- gradient exchange
     def _reset_exchange(self) -> None:
@@ -220,21 +241,41 @@ class _ShardedOptimizer(Optimizer):
             dst.copy_(grad.reshape(-1))
             if inv_scale is not None:
                 dst.mul_(inv_scale)
-        self._arrived[bi].add(slot.offset)
+        self._arrived[bi].add(id(slot))
         if len(self._arrived[bi]) == len(b.slots):
             self._launch(bi)
 
+    @property
+    def _compressing(self) -> bool:
+        return self.grad_comm == "1bit" and self._steps_done >= self.grad_comm_warmup
+
     def _launch(self, bi: int) -> None:
+        """Start bucket ``bi``'s exchange; ``_pending[bi]`` then waits and gives the averaged shard."""
         while len(self._inflight) >= _MAX_INFLIGHT:
             self._finish(self._inflight.popleft())
-        self._pending[bi] = self._comm.reduce_scatter_start(self._send[bi])
+        b, world = self._buckets[bi], self._comm.world
+        if self._compressing:
+            err = self._grad_error.get(bi)
+            if err is None:
+                err = self._grad_error[bi] = torch.zeros(b.padded, dtype=torch.float32, device=self._device)
+            payload = onebit.compress_grad_(self._send[bi], err, world, b.shard, b.numel)
+            recv = torch.empty_like(payload)
+            work = self._comm.all_to_all_start(recv, payload)
+
+            def averaged() -> Tensor:
+                work.wait()
+                return onebit.decode_grad(recv, world, b.shard)
+        else:
+            summed = self._comm.reduce_scatter_start(self._send[bi])
+
+            def averaged() -> Tensor:
+                total = summed()
+                return total.div_(world) if world > 1 else total  # the only division by W
+        self._pending[bi] = averaged
         self._inflight.append(bi)
 
     def _finish(self, bi: int) -> None:
-        total = self._pending[bi]()
-        if self._comm.world > 1:
-            total.div_(self._comm.world)
-        self._shards[bi] = total
+        self._shards[bi] = self._pending[bi]()
         self._pending[bi] = None
         self._send[bi] = None
 
@@ -244,7 +285,7 @@ class _ShardedOptimizer(Optimizer):
         for bi, b in enumerate(self._buckets):
             if self._pending[bi] is None and self._shards[bi] is None:
                 for s in b.slots:
-                    if s.offset not in self._arrived[bi]:
+                    if id(s) not in self._arrived[bi]:
                         if s.param.grad is not None:
                             check_grad(s.param)
                         self._stage(bi, s, s.param.grad)
@@ -342,21 +383,20 @@ class _ShardedOptimizer(Optimizer):
                 self._sign_step(bi, b, shards[bi])
         self._reset_exchange()
         self._comm.stats.end_step()
+        self._steps_done += 1
         return loss
 
     def _group(self, b: Bucket) -> dict[str, Any]:
         return self.param_groups[b.group_index]
 
-    def _sign_step(self, bi: int, b: Bucket, grad: Tensor) -> None:
-        group = self._group(b)
-        beta1, beta2 = group["betas"]
-        nb = b.shard // 8
-        send = torch.zeros(nb + _HEADER, dtype=torch.uint8, device=self._device)
-        zeros = torch.empty(nb, dtype=torch.uint8, device=self._device)
-        backend = self._backend()
-        flag = backend.sign_shard_step_(grad, self._momentum[bi], send[:nb], zeros,
-                                        b.valid_in_shard(self._comm.rank), beta1, beta2)
-        send[nb] = flag
+    def _gather_signs(self, send: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor | None]:
+        """All-gather every rank's packed bits; and their zero bitmaps, only if some rank has zeros.
+
+        ``send`` is uint8 ``[S/8 + 8]`` (bits, then the header whose byte 0 flags exact zeros),
+        ``zeros`` uint8 ``[S/8]``. Returns the bits of the whole bucket (``W·S/8`` bytes, rank
+        order) and the zero bitmap or None.
+        """
+        nb = zeros.numel()
         world = self._comm.world
         gathered = torch.empty(world * (nb + _HEADER), dtype=torch.uint8, device=self._device)
         self._comm.all_gather(gathered, send)
@@ -366,6 +406,18 @@ class _ShardedOptimizer(Optimizer):
         if bool(table[:, nb].any()):
             zbits = torch.empty(world * nb, dtype=torch.uint8, device=self._device)
             self._comm.all_gather(zbits, zeros)
+        return bits, zbits
+
+    def _sign_step(self, bi: int, b: Bucket, grad: Tensor) -> None:
+        group = self._group(b)
+        beta1, beta2 = group["betas"]
+        nb = b.shard // 8
+        send = torch.zeros(nb + _HEADER, dtype=torch.uint8, device=self._device)
+        zeros = torch.empty(nb, dtype=torch.uint8, device=self._device)
+        backend = self._backend()
+        send[nb] = backend.sign_shard_step_(grad, self._momentum[bi], send[:nb], zeros,
+                                            b.valid_in_shard(self._comm.rank), beta1, beta2)
+        bits, zbits = self._gather_signs(send, zeros)
         scale = group["align_const"] if self._leo else 1.0
         lr, wd = group["lr"], group["weight_decay"]
         for s in b.slots:
@@ -390,48 +442,92 @@ class _ShardedOptimizer(Optimizer):
             return kernels
         return local_step
 
+    def _slice_views(self, bi: int, flat: Tensor):
+        """``(slot, MatrixSlice, view of flat)`` for this rank's part of each matrix of bucket ``bi``;
+        ``flat`` is a tensor over the rank's shard of the bucket."""
+        lo = self._buckets[bi].shard_range(self._comm.rank)[0]
+        for s, sl in self._slices.get(bi, []):
+            base = s.offset + sl.start - lo
+            yield s, sl, flat[base : base + sl.end - sl.start]
+
     def _matrix_step(self, matrix: list[int], shards: list[Tensor]) -> None:
+        """Leo's 2-D rule on every matrix bucket; two small all-reduces for all of them together."""
         layout = self._norm_layout
         sumsq = torch.zeros(layout.size, dtype=torch.float32, device=self._device)
         cs: dict[int, Tensor] = {}
-        lo_of = {}
         for bi in matrix:
-            b = self._buckets[bi]
-            beta1, beta2 = self._group(b)["betas"]
+            beta1, beta2 = self._group(self._buckets[bi])["betas"]
             g, m = shards[bi], self._momentum[bi]
-            c = F.interpolate(m, g, beta1)
+            cs[bi] = F.interpolate(m, g, beta1)
             F.update_momentum_(m, g, beta2)
-            cs[bi] = c
-            lo_of[bi] = b.shard_range(self._comm.rank)[0]
-            for s, sl in self._slices.get(bi, []):
-                base = s.offset + sl.start - lo_of[bi]
-                add_row_col_sumsq_(c[base : base + sl.end - sl.start], sl, layout, sumsq)
+            for _, sl, x in self._slice_views(bi, cs[bi]):
+                add_row_col_sumsq_(x, sl, layout, sumsq)
         self._comm.all_reduce(sumsq)
         norms = sumsq.sqrt_()
         usq = torch.zeros(len(self._matrix_numel), dtype=torch.float32, device=self._device)
         for bi in matrix:
             eps = self._group(self._buckets[bi])["eps"]
-            for s, sl in self._slices.get(bi, []):
-                base = s.offset + sl.start - lo_of[bi]
-                usq[sl.matrix] += direction_(cs[bi][base : base + sl.end - sl.start], sl, layout, norms, eps)
+            for _, sl, x in self._slice_views(bi, cs[bi]):
+                usq[sl.matrix] += direction_(x, sl, layout, norms, eps)
         self._comm.all_reduce(usq)
+        for bi in matrix:
+            b, group = self._buckets[bi], self._group(self._buckets[bi])
+            for _, sl, x in self._slice_views(bi, cs[bi]):
+                x.mul_(F.leo_scale(usq[sl.matrix], self._matrix_numel[sl.matrix], group["align_const"], group["eps"]))
+            cs[bi][b.valid_in_shard(self._comm.rank):] = 0
+        if self.update_comm == "1bit":
+            self._matrix_update_1bit(matrix, cs)
+            return
         world = self._comm.world
         for bi in matrix:
-            b = self._buckets[bi]
-            group = self._group(b)
-            c = cs.pop(bi)
-            for s, sl in self._slices.get(bi, []):
-                base = s.offset + sl.start - lo_of[bi]
-                scale = F.leo_scale(usq[sl.matrix], self._matrix_numel[sl.matrix], group["align_const"], group["eps"])
-                c[base : base + sl.end - sl.start].mul_(scale)
-            c[b.valid_in_shard(self._comm.rank):] = 0
-            send = c.to(b.dtype)
+            b, group = self._buckets[bi], self._group(self._buckets[bi])
             full = torch.empty(world * b.shard, dtype=b.dtype, device=self._device)
-            self._comm.all_gather(full, send)
+            self._comm.all_gather(full, cs.pop(bi).to(b.dtype))
             for s in b.slots:
                 if s.numel:
                     upd = full[s.offset : s.offset + s.numel]
                     self._apply(s.param, lambda p: F.apply_update_(p, upd, group["lr"], group["weight_decay"]))
+
+    def _matrix_update_1bit(self, matrix: list[int], updates: dict[int, Tensor]) -> None:
+        """Send Leo's matrix updates as ``α_row·sign(e)`` with error feedback (see :mod:`leo_dist.onebit`).
+
+        One all-reduce of R floats per matrix (all matrices together) completes the row means of
+        ``|e|``; then per bucket one all-gather of bits, as for sign buckets.
+        """
+        rank = self._comm.rank
+        rowsum = torch.zeros(self._row_layout_size, dtype=torch.float32, device=self._device)
+        errors = {}
+        for bi in matrix:
+            e = self._update_error[bi]
+            e.add_(updates.pop(bi))
+            errors[bi] = e
+            for _, sl, x in self._slice_views(bi, e):
+                off = self._row_offsets[sl.matrix]
+                for piece, r, _ in rows_cols_pieces(x, sl.start, sl.cols):
+                    rowsum[off + r : off + r + piece.shape[0]] += piece.abs().sum(dim=1)
+        self._comm.all_reduce(rowsum)
+        for bi in matrix:
+            b, group, e = self._buckets[bi], self._group(self._buckets[bi]), errors[bi]
+            nb = b.shard // 8
+            valid = b.valid_in_shard(rank)
+            send = torch.zeros(nb + _HEADER, dtype=torch.uint8, device=self._device)
+            pack_signs(e, send[:nb])
+            is_zero = e == 0
+            zeros = pack_mask(is_zero)
+            send[nb] = is_zero[:valid].any().to(torch.uint8)
+            # the owner keeps what α·sign(e) does not carry
+            for _, sl, x in self._slice_views(bi, e):
+                alpha = rowsum[self._row_offsets[sl.matrix] : self._row_offsets[sl.matrix] + sl.rows] / sl.cols
+                for piece, r, _ in rows_cols_pieces(x, sl.start, sl.cols):
+                    piece.sub_(torch.sign(piece) * alpha[r : r + piece.shape[0], None])
+            bits, zbits = self._gather_signs(send, zeros)
+            for s, sl_all in self._all_matrix_slots[bi]:
+                j, (rows, cols) = sl_all, s.param.shape
+                alpha = rowsum[self._row_offsets[j] : self._row_offsets[j] + rows] / cols
+                sign = unpack_signs(_bit_slice(bits, s.offset, s.numel), s.numel,
+                                    None if zbits is None else _bit_slice(zbits, s.offset, s.numel))
+                upd = sign.view(rows, cols).mul_(alpha[:, None])
+                self._apply(s.param, lambda p: F.apply_update_(p, upd, group["lr"], group["weight_decay"]))
 
     # ----------------------------------------------------------------- introspection
     def comm_stats(self) -> dict:
@@ -465,67 +561,24 @@ class _ShardedOptimizer(Optimizer):
         if not self._comm.distributed:
             return True
         table = torch.empty(self._comm.world * mine.numel(), dtype=torch.int64, device=self._device)
-        self._comm.all_gather(table, mine)
+        with self._comm.stats.outside_step():
+            self._comm.all_gather(table, mine)
         table = table.view(self._comm.world, -1)
         return bool((table == table[0]).all())
 
     # ----------------------------------------------------------------- checkpoints
-    @torch.no_grad()
     def state_dict(self) -> dict[str, Any]:
-        """The full, world-size independent state (collective: every rank must call it).
+        """The full, world-size independent state (collective: every rank must call it); see
+        :func:`leo_dist.checkpoint.sharded_state_dict`."""
+        from .checkpoint import sharded_state_dict
+        with self._comm.stats.outside_step():
+            return sharded_state_dict(self)
 
-        Same layout as the single-process :class:`~leo_dist.Leo`/:class:`~leo_dist.Lion`:
-        ``state[i]["exp_avg"]`` is parameter ``i``'s whole momentum, shaped like it, in the momentum
-        dtype, gathered from its owners (an all-gather of ``N`` momentum elements), so it loads into
-        a sharded optimizer at any world size or into the single-process optimizer.
-        """
-        world = self._comm.world
-        state: dict[int, dict[str, Tensor]] = {}
-        for bi, b in enumerate(self._buckets):
-            full = torch.empty(world * b.shard, dtype=self._momentum_dtype, device=self._device)
-            self._comm.all_gather(full, self._momentum[bi])
-            for s in b.slots:
-                state[s.index] = {"exp_avg": full[s.offset : s.offset + s.numel].clone().view_as(s.param)}
-        groups, index = [], 0
-        for g in self.param_groups:
-            d = {k: v for k, v in g.items() if k != "params"}
-            d["params"] = list(range(index, index + len(g["params"])))
-            index += len(g["params"])
-            groups.append(d)
-        return {"state": dict(sorted(state.items())), "param_groups": groups}
-
-    @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state from :meth:`state_dict` (any world size) or from the single-process optimizer.
-
-        Hyperparameters of each group are restored; each rank keeps only its shard of the momentum.
-        Parameters with no saved state keep zero momentum.
-        """
-        groups = state_dict.get("param_groups")
-        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(groups) if isinstance(groups, list) else 'no'} param groups, "
-                             f"this optimizer has {len(self.param_groups)}")
-        for mine, saved in zip(self.param_groups, groups):
-            if len(saved["params"]) != len(mine["params"]):
-                raise ValueError("state_dict's param groups hold different numbers of parameters")
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in groups for i in g["params"]]
-        by_pos = {pos: i for pos, i in enumerate(saved_ids)}
-        state = state_dict.get("state", {})
-        for pos, p in enumerate(params):
-            entry = state.get(by_pos[pos])
-            if entry is None or "exp_avg" not in entry:
-                continue
-            full = entry["exp_avg"]
-            if full.numel() != p.numel():
-                raise ValueError(f"saved exp_avg of parameter {pos} has {full.numel()} elements, the parameter "
-                                 f"has {p.numel()}")
-            a, e = self.state[p]["shard_range"]
-            self.state[p]["exp_avg"].copy_(full.reshape(-1)[a:e])
-        for mine, saved in zip(self.param_groups, groups):
-            for k, v in saved.items():
-                if k != "params":
-                    mine[k] = v
+        """Load a state from :meth:`state_dict` (any world size) or from the single-process optimizer;
+        see :func:`leo_dist.checkpoint.load_sharded_state_dict`."""
+        from .checkpoint import load_sharded_state_dict
+        load_sharded_state_dict(self, state_dict)
 
 
 class ShardedLion(_ShardedOptimizer):
@@ -534,7 +587,10 @@ class ShardedLion(_ShardedOptimizer):
     Args: as :class:`leo_dist.Lion` (``lr=1e-4, betas=(0.9, 0.99), weight_decay=0``), plus
         process_group: the data-parallel group; None means the default group when one is
             initialised, else a world of 1 with no collectives.
-        grad_comm: gradient wire dtype, "fp32" (default, exact) or "bf16".
+        grad_comm: gradient exchange: "fp32" (default, exact), "bf16", or "1bit" (signs with one
+            scale per 1024 elements and error feedback, about N/8 bytes per rank; lossy, see
+            :mod:`leo_dist.onebit`).
+        grad_comm_warmup: with grad_comm="1bit", the first steps that exchange fp32 instead (default 10).
         bucket_mb: bucket size in MiB of fp32 gradient (default 25).
         momentum_dtype: float32 (default) or bfloat16.
         fused: None/True/False, as for :class:`leo_dist.Lion`.
@@ -543,11 +599,13 @@ class ShardedLion(_ShardedOptimizer):
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
                  process_group=None, grad_comm: str = "fp32", bucket_mb: float = 25,
-                 momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True):
+                 momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True,
+                 grad_comm_warmup: int = 10):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         weight_decay=weight_decay)
         super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm, update_comm="exact",
-                         bucket_mb=bucket_mb, momentum_dtype=momentum_dtype, fused=fused, sync_params=sync_params)
+                         bucket_mb=bucket_mb, momentum_dtype=momentum_dtype, fused=fused, sync_params=sync_params,
+                         grad_comm_warmup=grad_comm_warmup)
 
 
 class ShardedLeo(_ShardedOptimizer):
@@ -555,7 +613,10 @@ class ShardedLeo(_ShardedOptimizer):
     matrix updates (``update_comm="exact"``) in the parameter dtype.
 
     Args: as :class:`leo_dist.Leo` (``lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01,
-    align_const=0.2, eps=1e-8``, group key ``orthogonalize``) and as :class:`ShardedLion`.
+    align_const=0.2, eps=1e-8``, group key ``orthogonalize``) and as :class:`ShardedLion`, plus
+        update_comm: how matrix updates travel: "exact" (default; in the parameter dtype, bit-exact
+            Leo) or "1bit" (sign bits with a per-row scale and an error-feedback buffer on the
+            owner; lossy, see :mod:`leo_dist.onebit`).
     """
 
     _leo = True
@@ -563,9 +624,10 @@ class ShardedLeo(_ShardedOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.99), weight_decay: float = 0.01,
                  align_const: float = 0.2, eps: float = 1e-8, *, orthogonalize: bool = True, process_group=None,
                  grad_comm: str = "fp32", update_comm: str = "exact", bucket_mb: float = 25,
-                 momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True):
+                 momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True,
+                 grad_comm_warmup: int = 10):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         weight_decay=weight_decay, align_const=align_const, eps=eps, orthogonalize=orthogonalize)
         super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm,
                          update_comm=update_comm, bucket_mb=bucket_mb, momentum_dtype=momentum_dtype, fused=fused,
-                         sync_params=sync_params)
+                         sync_params=sync_params, grad_comm_warmup=grad_comm_warmup)

@@ -66,6 +66,16 @@ def main() -> None:
     if why:
         raise SystemExit(f"configuration {cfg.name} cannot run: {why}")
 
+    # The library may change between runs of a suite; name the exact code each run used.
+    import hashlib
+    import leo_dist
+    pkg = os.path.dirname(leo_dist.__file__)
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(pkg)):
+        if name.endswith(".py"):
+            with open(os.path.join(pkg, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    code_sha = digest.hexdigest()[:16]
     train_ids, val_ids, vocab = load_corpus()
     gcfg = GPTConfig(vocab_size=vocab, **PRESETS[args.preset])
     torch.manual_seed(args.seed)
@@ -107,6 +117,7 @@ def main() -> None:
     windows = parse_windows(args.windows)
     record = dict(config=cfg.name, world=world, preset=args.preset, n_params=shapes.numel,
                   batch_size=args.batch_size, steps=args.steps, seed=args.seed, delay_ms=args.delay_ms,
+                  leo_dist_sha256=code_sha,
                   hyper={k: list(v) if isinstance(v, tuple) else v for k, v in hyper.items()},
                   train_loss=[], evals=[], free_step_s=[], windows=[])
     record["evals"].append((0, evaluate()))
