@@ -34,10 +34,12 @@ MODES = {
     "sharded_leo": "ShardedLeo, fp32 grads, exact updates (replicated params, 1-bit sign updates)",
     "sharded_leo_1bit": "ShardedLeo, fp32 grads, update_comm=1bit (2-D updates as bits too)",
     "sharded_leo_bf16": "ShardedLeo, bf16 grads, exact updates",
+    "sharded_lion": "ShardedLion, fp32 grads: every update travels as sign bits (the 1-bit floor)",
     "fsdp_leo": "FSDP2 fully_shard + Leo, defaults (reshard after forward)",
     "fsdp_leo_a2a": "FSDP2 + Leo, AllToAllReduceScatter",
     "fsdp_leo_a2a_noreshard": "FSDP2 + Leo, AllToAllReduceScatter, reshard_after_forward=False",
     "fsdp_leo_a2a_bf16": "FSDP2 + Leo, AllToAllReduceScatter, bf16 param all-gather (MixedPrecisionPolicy)",
+    "fsdp_leo_a2a_noreshard_bf16": "FSDP2 + Leo, AllToAllReduceScatter, no reshard, bf16 param all-gather",
 }
 
 
@@ -81,6 +83,9 @@ def worker(rank: int, world: int, mode: str, steps: int, port: int, q) -> None:
         if mode == "ddp":
             model = nn.parallel.DistributedDataParallel(net)
             opt = leo_dist.Leo(leo_dist.leo_param_groups(net))
+        elif mode == "sharded_lion":
+            model = net
+            opt = leo_dist.ShardedLion(net.parameters())
         elif mode.startswith("sharded_leo"):
             model = net
             kw = {"sharded_leo": {}, "sharded_leo_1bit": {"update_comm": "1bit"},
@@ -124,7 +129,7 @@ def worker(rank: int, world: int, mode: str, steps: int, port: int, q) -> None:
             dist.barrier()
         dist.barrier()
         b2 = lo_tx()
-        if mode.startswith("sharded_leo"):
+        if mode.startswith("sharded"):
             momentum = [m for m in getattr(opt, "_momentum", [])]
             mine = opt.comm_stats()["last_step"]["sum"]["sent"]
         else:
@@ -153,7 +158,7 @@ def cost_model(mode: str, n: int, world: int, opt_sent: float) -> float:
     f = (world - 1) / world
     if mode == "ddp":
         return world * 2 * f * 4 * n
-    if mode.startswith("sharded_leo"):
+    if mode.startswith("sharded"):
         return opt_sent
     gathers = 1 if "noreshard" in mode else 2
     param_bytes = 2 if mode.endswith("bf16") else 4

@@ -1,5 +1,5 @@
 """leo_dist: data-parallel Leo and Lion with sharded momentum and 1-bit packed updates."""
-from . import hooks
+from . import fsdp, hooks
 from .collectives import average_gradients
 from .functional import leo_update, lion_update
 from .optim import Leo, Lion, leo_param_groups
@@ -9,6 +9,7 @@ from .sharded import ShardedLeo, ShardedLion
 __all__ = [
     "Leo",
     "average_gradients",
+    "fsdp",
     "hooks",
     "Lion",
     "ShardedLeo",

@@ -32,6 +32,7 @@ gradient bytes on gloo.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any, Sequence
 
@@ -49,7 +50,8 @@ _STATS: "weakref.WeakKeyDictionary[Any, CommStats]" = weakref.WeakKeyDictionary(
 
 
 def _dtensor_cls():
-    if not dist.is_available():
+    # No DTensor can exist before torch.distributed.tensor is imported: plain training never pays for it.
+    if not dist.is_available() or "torch.distributed.tensor" not in sys.modules:
         return None
     try:
         from torch.distributed.tensor import DTensor
@@ -258,7 +260,17 @@ def _fsdp_reduce_scatter_base() -> type:
     return ReduceScatter
 
 
-class AllToAllReduceScatter(_fsdp_reduce_scatter_base()):
+def __getattr__(name: str):
+    # Built on first use: importing FSDP2 costs ~0.5 s, which optim.py's plain path must not pay.
+    if name == "AllToAllReduceScatter":
+        cls = type("AllToAllReduceScatter", (_AllToAllReduceScatter, _fsdp_reduce_scatter_base()),
+                   {"__doc__": _AllToAllReduceScatter.__doc__, "__module__": __name__})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _AllToAllReduceScatter:
     """A reduce-scatter for FSDP2's ``module.set_custom_reduce_scatter`` built from ``all_to_all_single``.
 
     Gloo's ``reduce_scatter`` moves as many bytes as an all-reduce (SPEC §5); this moves

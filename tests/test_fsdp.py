@@ -32,6 +32,7 @@ SHAPES = [s for s, _ in LAYOUT]
 MATRIX = [i for i, (s, g) in enumerate(LAYOUT) if len(s) == 2 and g != 1]   # Leo's 2-D rule
 SIGN = [i for i in range(len(LAYOUT)) if i not in MATRIX]
 TOL = 2e-6
+PLACEMENT_SHAPES = [(5, 7), (3, 2), (6, 4), (5, 3)]
 
 
 def _init(seed=0):
@@ -95,17 +96,28 @@ def _placement_run(rank, world, mesh):
     """Shard(1) and Replicate matrices (no FSDP): DTensors built directly, oracle gradients set by hand."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    shapes = [(5, 7), (3, 2), (6, 4)]
-    placements = [[Shard(1)], [Shard(1)], [Replicate()]]
+    from torch.distributed.device_mesh import init_device_mesh
+
+    # HSDP's layout: a replicate mesh dim (size 1 here) and a shard mesh dim; norms reduce over the latter only.
+    mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+    meshes = [mesh, mesh, mesh, mesh2]
+    placements = [[Shard(1)], [Shard(1)], [Replicate()], [Replicate(), Shard(0)]]
     g0 = torch.Generator().manual_seed(5)
-    full = [torch.randn(s, generator=g0) for s in shapes]
-    params = [nn.Parameter(distribute_tensor(t.clone(), mesh, pl)) for t, pl in zip(full, placements)]
+    full = [torch.randn(s, generator=g0) for s in PLACEMENT_SHAPES]
+    params = [nn.Parameter(distribute_tensor(t.clone(), m, pl)) for t, m, pl in zip(full, meshes, placements)]
     opt = leo_dist.Leo(params)
     for step in range(STEPS):
-        for p, pl in zip(params, placements):
-            p.grad = distribute_tensor(averaged_grad(step, world, p.shape, True), mesh, pl)
+        for p, m, pl in zip(params, meshes, placements):
+            p.grad = distribute_tensor(averaged_grad(step, world, p.shape, True), m, pl)
         opt.step()
-    return [p.detach().full_tensor() for p in params]
+    both = nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh2, [Shard(0), Shard(1)]))
+    both.grad = distribute_tensor(torch.ones(4, 4), mesh2, [Shard(0), Shard(1)])
+    try:
+        leo_dist.Leo([both]).step()
+        refusal = None
+    except NotImplementedError as e:
+        refusal = str(e)
+    return [p.detach().full_tensor() for p in params], refusal
 
 
 def _refusals(mesh):
@@ -226,21 +238,22 @@ def test_norm_all_reduces_are_batched(fsdp_run):
     assert ar["sent"] == sum(2 * (world - 1) * b // world for b in (cols, mats))
 
 
-def test_shard1_and_replicate_placements(fsdp_run):
+def test_shard1_replicate_and_hsdp_placements(fsdp_run):
     world, res = fsdp_run
     from tests.dist_util import averaged_grad as ag
 
     g0 = torch.Generator().manual_seed(5)
-    shapes = [(5, 7), (3, 2), (6, 4)]
-    params = [torch.randn(s, generator=g0).requires_grad_() for s in shapes]
+    params = [torch.randn(s, generator=g0).requires_grad_() for s in PLACEMENT_SHAPES]
     opt = leo_dist.Leo(params)
     for step in range(STEPS):
         for p in params:
             p.grad = ag(step, world, p.shape, True)
         opt.step()
     for r in res:
-        for got, ref in zip(r["placements"], params):
-            assert rel_err(got, ref.detach()) <= TOL
+        got, refusal = r["placements"]
+        for g, ref in zip(got, params):
+            assert rel_err(g, ref.detach()) <= TOL
+        assert refusal and "both dims" in refusal
 
 
 def test_unsupported_layouts_fail_loudly(fsdp_run):

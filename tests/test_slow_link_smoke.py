@@ -52,9 +52,10 @@ def test_cost_model_matches_spec_table_at_large_world():
 
 
 def test_powersgd_leaves_vectors_uncompressed():
-    shapes = configs.Shapes(((1000,), (64, 64)), (False, True))
+    # (8+8)·4 factors·2 (min compression rate) = 128 > 64 elements: not worth compressing
+    shapes = configs.Shapes(((1000,), (8, 8)), (False, True))
     plain, factors = configs._powersgd_split(shapes, rank=4)
-    assert plain == 1000 + 64 * 64  # (64+64)·4·2 = 1024 is not < 4096/... compression rate 2 -> plain
+    assert (plain, factors) == (1000 + 64, 0)
     shapes = configs.Shapes(((1000,), (512, 512)), (False, True))
     plain, factors = configs._powersgd_split(shapes, rank=4)
     assert (plain, factors) == (1000, 1024 * 4)
