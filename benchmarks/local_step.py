@@ -168,7 +168,7 @@ def main() -> None:
         lambda: local_step._apply_signs_torch(p, bits, zeros, 1e-4, 0.1, 1.0), 3), 8.25)
 
     base = results["lion_pytorch.Lion"]["seconds"]
-    print(f"\n| step | median ms | vs lion_pytorch | B/elem floor | floor ms | time / floor |")
+    print("\n| step | median ms | vs lion_pytorch | B/elem floor | floor ms | time / floor |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         speed = base / r["seconds"]

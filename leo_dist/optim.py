@@ -8,7 +8,7 @@ skipped (no decay, no momentum change).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn

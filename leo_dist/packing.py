@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["pack_signs", "pack_mask", "unpack_signs", "packed_size"]
+__all__ = ["pack_signs", "pack_mask", "unpack_signs", "packed_size", "bit_slice", "HEADER_BYTES"]
 
 # Moves byte j of a little-endian int64 holding eight 0/1 bytes to bit 56 + j. The partial
 # products land on 64 distinct bit positions, so no carry can reach the top byte.
@@ -93,3 +93,23 @@ def unpack_signs(
         z = ((zeros.reshape(-1)[:nb].unsqueeze(1) >> _shifts(zeros.device)) & 1).reshape(-1)[:n]
         sign.masked_fill_(z.bool(), 0)
     return sign
+
+
+# Bytes after each rank's packed bits in a sign all-gather; byte 0 says "this shard has exact zeros".
+HEADER_BYTES = 8
+
+
+def bit_slice(bits: Tensor, offset: int, n: int) -> Tensor:
+    """Bytes whose bit 0 is bit ``offset`` of ``bits``, covering ``n`` bits.
+
+    A view when ``offset`` is a multiple of 8, else a new tensor of ``(n + 7) // 8`` bytes (bits
+    past the end of ``bits`` read as 0).
+    """
+    q, r = divmod(offset, 8)
+    nb = (n + 7) // 8
+    if r == 0:
+        return bits[q : q + nb]
+    seg = bits[q : q + nb + 1].to(torch.int32)
+    if seg.numel() < nb + 1:
+        seg = torch.cat([seg, seg.new_zeros(nb + 1 - seg.numel())])
+    return (((seg[:-1] >> r) | (seg[1:] << (8 - r))) & 0xFF).to(torch.uint8)

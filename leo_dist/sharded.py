@@ -23,10 +23,8 @@ gradient shards (N/W elements) between the exchange and the step.
 """
 from __future__ import annotations
 
-import math
 import warnings
 import zlib
-from collections import deque
 from typing import Any, Callable
 
 import torch
@@ -34,14 +32,14 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import functional as F
-from . import local_step, onebit
+from . import local_step
 from .collectives import Comm
+from .exchange import GradientExchange
 from .dispatch import resolve_fused
-from .matrix import MatrixSlice, NormLayout, add_row_col_sumsq_, direction_
-from .packing import pack_mask, pack_signs, unpack_signs
-from .partition import Bucket, Slot, build_buckets, rows_cols_pieces
-from .validation import check_grad, check_hyperparameters, check_momentum_dtype, check_param
+from .matrix import MatrixSlice, MatrixSteps, NormLayout
+from .packing import HEADER_BYTES, bit_slice
+from .partition import Bucket, Slot, build_buckets
+from .validation import check_hyperparameters, check_momentum_dtype, check_param
 
 __all__ = ["ShardedLion", "ShardedLeo"]
 
@@ -52,22 +50,7 @@ warnings.filterwarnings("ignore", message="GradScaler is going to stop passing i
 # grad_comm -> dtype the local gradients are staged in (1bit compresses from float32)
 _GRAD_COMMS = {"fp32": torch.float32, "bf16": torch.bfloat16, "1bit": torch.float32}
 _MAX_INFLIGHT = 2
-_HEADER = 8  # bytes after each rank's packed bits: byte 0 says "this shard has exact zeros"
-
-
-def _bit_slice(bits: Tensor, offset: int, n: int) -> Tensor:
-    """Bytes whose bit 0 is bit ``offset`` of ``bits``, covering ``n`` bits (a view when aligned)."""
-    q, r = divmod(offset, 8)
-    nb = (n + 7) // 8
-    if r == 0:
-        return bits[q : q + nb]
-    seg = bits[q : q + nb + 1].to(torch.int32)
-    if seg.numel() < nb + 1:
-        seg = torch.cat([seg, seg.new_zeros(nb + 1 - seg.numel())])
-    return (((seg[:-1] >> r) | (seg[1:] << (8 - r))) & 0xFF).to(torch.uint8)
-
-
-class _ShardedOptimizer(Optimizer):
+class _ShardedOptimizer(GradientExchange, MatrixSteps, Optimizer):
     _leo = False
 
     def __init__(self, params, defaults: dict[str, Any], *, process_group, grad_comm: str, update_comm: str,
@@ -213,146 +196,7 @@ class _ShardedOptimizer(Optimizer):
                 for s, sl, x in self._slice_views(bi, e):
                     self.state[s.param]["update_error"] = x
 
-    # ----------------------------------------------------------------- gradient exchange
-    def _reset_exchange(self) -> None:
-        n = len(self._buckets)
-        self._send: list[Tensor | None] = [None] * n
-        self._arrived: list[set] = [set() for _ in range(n)]
-        self._pending: list[Callable[[], Tensor] | None] = [None] * n
-        self._shards: list[Tensor | None] = [None] * n
-        self._inflight: deque[int] = deque()
-        self._clipped = False
-
-    def _stage(self, bi: int, slot: Slot, grad: Tensor | None, inv_scale: Tensor | None = None) -> None:
-        """Copy one parameter's local gradient into its bucket (times ``inv_scale``, the AMP
-        unscaling, when given); send the bucket once complete."""
-        b = self._buckets[bi]
-        if self._pending[bi] is not None or self._shards[bi] is not None:
-            raise RuntimeError("a gradient arrived for a bucket already sent this step: call step() after "
-                               "each backward, or accumulate under ddp_model.no_sync()")
-        if self._send[bi] is None:
-            buf = torch.empty(b.padded, dtype=self._wire, device=self._device)
-            buf[b.numel :].zero_()
-            self._send[bi] = buf
-        dst = self._send[bi][slot.offset : slot.offset + slot.numel]
-        if grad is None:
-            dst.zero_()
-        else:
-            dst.copy_(grad.reshape(-1))
-            if inv_scale is not None:
-                dst.mul_(inv_scale)
-        self._arrived[bi].add(id(slot))
-        if len(self._arrived[bi]) == len(b.slots):
-            self._launch(bi)
-
-    @property
-    def _compressing(self) -> bool:
-        return self.grad_comm == "1bit" and self._steps_done >= self.grad_comm_warmup
-
-    def _launch(self, bi: int) -> None:
-        """Start bucket ``bi``'s exchange; ``_pending[bi]`` then waits and gives the averaged shard."""
-        while len(self._inflight) >= _MAX_INFLIGHT:
-            self._finish(self._inflight.popleft())
-        b, world = self._buckets[bi], self._comm.world
-        if self._compressing:
-            err = self._grad_error.get(bi)
-            if err is None:
-                err = self._grad_error[bi] = torch.zeros(b.padded, dtype=torch.float32, device=self._device)
-            payload = onebit.compress_grad_(self._send[bi], err, world, b.shard, b.numel)
-            recv = torch.empty_like(payload)
-            work = self._comm.all_to_all_start(recv, payload)
-
-            def averaged() -> Tensor:
-                work.wait()
-                return onebit.decode_grad(recv, world, b.shard)
-        else:
-            summed = self._comm.reduce_scatter_start(self._send[bi])
-
-            def averaged() -> Tensor:
-                total = summed()
-                return total.div_(world) if world > 1 else total  # the only division by W
-        self._pending[bi] = averaged
-        self._inflight.append(bi)
-
-    def _finish(self, bi: int) -> None:
-        self._shards[bi] = self._pending[bi]()
-        self._pending[bi] = None
-        self._send[bi] = None
-
-    def _reduced_gradients(self) -> list[Tensor]:
-        """The averaged gradient shard of every bucket (float32, ``bucket.shard`` elements each),
-        exchanging whatever the DDP hook has not already sent."""
-        for bi, b in enumerate(self._buckets):
-            if self._pending[bi] is None and self._shards[bi] is None:
-                for s in b.slots:
-                    if id(s) not in self._arrived[bi]:
-                        if s.param.grad is not None:
-                            check_grad(s.param)
-                        self._stage(bi, s, s.param.grad)
-        while self._inflight:
-            self._finish(self._inflight.popleft())
-        return self._shards  # type: ignore[return-value]
-
-    @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
-        """Clip the averaged gradients (the ones the step will use) to a global norm.
-
-        Collective: every rank must call it, after backward and before :meth:`step`. Triggers the
-        gradient exchange if the DDP hook has not. Returns the total norm before clipping (as
-        ``torch.nn.utils.clip_grad_norm_`` does). Sends one float.
-        """
-        max_norm = float(max_norm)
-        if not max_norm > 0:
-            raise ValueError(f"max_norm must be > 0, got {max_norm}")
-        norm_type = float(norm_type)
-        if not (norm_type == math.inf or norm_type > 0):
-            raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
-        shards = self._reduced_gradients()
-        if norm_type == math.inf:
-            local = torch.stack([s.abs().max() if s.numel() else s.new_zeros(()) for s in shards]).max()
-            self._comm.all_reduce(local, dist.ReduceOp.MAX)
-            total = local
-        else:
-            local = torch.stack([s.abs().pow(norm_type).sum() for s in shards]).sum()
-            self._comm.all_reduce(local)
-            total = local.pow(1.0 / norm_type)
-        if error_if_nonfinite and not torch.isfinite(total):
-            raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite")
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for s in shards:
-            s.mul_(coef)
-        return total
-
     # ----------------------------------------------------------------- the step
-    # GradScaler calls step() even when this rank saw an inf, so that every rank reaches the
-    # collectives; step() decides to skip from the *averaged* gradients, on all ranks alike.
-    _step_supports_amp_scaling = True
-
-    def _amp_unscale_and_check(self, scaler, shards: list[Tensor]) -> bool:
-        """Unscale the averaged shards if still scaled; True when any rank's shard is non-finite.
-
-        Writes the global verdict into the scaler's record for this optimizer, so that
-        ``scaler.update()`` backs off identically on every rank (its own check saw only local
-        gradients). Sends one float.
-        """
-        from torch.amp.grad_scaler import OptState
-
-        record = scaler._per_optimizer_states[id(self)]
-        if self._hook_attached:
-            if self._hook_scaler is not scaler:
-                raise RuntimeError("with a GradScaler and the DDP hook, pass the scaler to "
-                                   "leo_dist.hooks.attach(ddp_model, optimizer, grad_scaler=scaler)")
-        elif record["stage"] is OptState.READY:
-            inv = scaler._scale.double().reciprocal().float()
-            for s in shards:
-                s.mul_(inv)
-        bad = torch.zeros((), dtype=torch.float32, device=self._device)
-        for s in shards:
-            bad = torch.maximum(bad, (~torch.isfinite(s)).any().float())
-        self._comm.all_reduce(bad, dist.ReduceOp.MAX)
-        record["found_inf_per_device"] = {scaler._scale.device: bad.to(scaler._scale.device)}
-        return bool(bad)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None, grad_scaler=None):
         """One optimisation step on every rank (collective). See the module docstring for phases.
@@ -398,9 +242,9 @@ class _ShardedOptimizer(Optimizer):
         """
         nb = zeros.numel()
         world = self._comm.world
-        gathered = torch.empty(world * (nb + _HEADER), dtype=torch.uint8, device=self._device)
+        gathered = torch.empty(world * (nb + HEADER_BYTES), dtype=torch.uint8, device=self._device)
         self._comm.all_gather(gathered, send)
-        table = gathered.view(world, nb + _HEADER)
+        table = gathered.view(world, nb + HEADER_BYTES)
         bits = table[:, :nb].reshape(-1)
         zbits = None
         if bool(table[:, nb].any()):
@@ -412,7 +256,7 @@ class _ShardedOptimizer(Optimizer):
         group = self._group(b)
         beta1, beta2 = group["betas"]
         nb = b.shard // 8
-        send = torch.zeros(nb + _HEADER, dtype=torch.uint8, device=self._device)
+        send = torch.zeros(nb + HEADER_BYTES, dtype=torch.uint8, device=self._device)
         zeros = torch.empty(nb, dtype=torch.uint8, device=self._device)
         backend = self._backend()
         send[nb] = backend.sign_shard_step_(grad, self._momentum[bi], send[:nb], zeros,
@@ -423,8 +267,8 @@ class _ShardedOptimizer(Optimizer):
         for s in b.slots:
             if s.numel == 0:
                 continue
-            z = None if zbits is None else _bit_slice(zbits, s.offset, s.numel)
-            self._apply(s.param, lambda p: backend.apply_signs_(p, _bit_slice(bits, s.offset, s.numel), z,
+            z = None if zbits is None else bit_slice(zbits, s.offset, s.numel)
+            self._apply(s.param, lambda p: backend.apply_signs_(p, bit_slice(bits, s.offset, s.numel), z,
                                                                 lr, wd, scale))
 
     @staticmethod
@@ -441,93 +285,6 @@ class _ShardedOptimizer(Optimizer):
             from . import kernels
             return kernels
         return local_step
-
-    def _slice_views(self, bi: int, flat: Tensor):
-        """``(slot, MatrixSlice, view of flat)`` for this rank's part of each matrix of bucket ``bi``;
-        ``flat`` is a tensor over the rank's shard of the bucket."""
-        lo = self._buckets[bi].shard_range(self._comm.rank)[0]
-        for s, sl in self._slices.get(bi, []):
-            base = s.offset + sl.start - lo
-            yield s, sl, flat[base : base + sl.end - sl.start]
-
-    def _matrix_step(self, matrix: list[int], shards: list[Tensor]) -> None:
-        """Leo's 2-D rule on every matrix bucket; two small all-reduces for all of them together."""
-        layout = self._norm_layout
-        sumsq = torch.zeros(layout.size, dtype=torch.float32, device=self._device)
-        cs: dict[int, Tensor] = {}
-        for bi in matrix:
-            beta1, beta2 = self._group(self._buckets[bi])["betas"]
-            g, m = shards[bi], self._momentum[bi]
-            cs[bi] = F.interpolate(m, g, beta1)
-            F.update_momentum_(m, g, beta2)
-            for _, sl, x in self._slice_views(bi, cs[bi]):
-                add_row_col_sumsq_(x, sl, layout, sumsq)
-        self._comm.all_reduce(sumsq)
-        norms = sumsq.sqrt_()
-        usq = torch.zeros(len(self._matrix_numel), dtype=torch.float32, device=self._device)
-        for bi in matrix:
-            eps = self._group(self._buckets[bi])["eps"]
-            for _, sl, x in self._slice_views(bi, cs[bi]):
-                usq[sl.matrix] += direction_(x, sl, layout, norms, eps)
-        self._comm.all_reduce(usq)
-        for bi in matrix:
-            b, group = self._buckets[bi], self._group(self._buckets[bi])
-            for _, sl, x in self._slice_views(bi, cs[bi]):
-                x.mul_(F.leo_scale(usq[sl.matrix], self._matrix_numel[sl.matrix], group["align_const"], group["eps"]))
-            cs[bi][b.valid_in_shard(self._comm.rank):] = 0
-        if self.update_comm == "1bit":
-            self._matrix_update_1bit(matrix, cs)
-            return
-        world = self._comm.world
-        for bi in matrix:
-            b, group = self._buckets[bi], self._group(self._buckets[bi])
-            full = torch.empty(world * b.shard, dtype=b.dtype, device=self._device)
-            self._comm.all_gather(full, cs.pop(bi).to(b.dtype))
-            for s in b.slots:
-                if s.numel:
-                    upd = full[s.offset : s.offset + s.numel]
-                    self._apply(s.param, lambda p: F.apply_update_(p, upd, group["lr"], group["weight_decay"]))
-
-    def _matrix_update_1bit(self, matrix: list[int], updates: dict[int, Tensor]) -> None:
-        """Send Leo's matrix updates as ``α_row·sign(e)`` with error feedback (see :mod:`leo_dist.onebit`).
-
-        One all-reduce of R floats per matrix (all matrices together) completes the row means of
-        ``|e|``; then per bucket one all-gather of bits, as for sign buckets.
-        """
-        rank = self._comm.rank
-        rowsum = torch.zeros(self._row_layout_size, dtype=torch.float32, device=self._device)
-        errors = {}
-        for bi in matrix:
-            e = self._update_error[bi]
-            e.add_(updates.pop(bi))
-            errors[bi] = e
-            for _, sl, x in self._slice_views(bi, e):
-                off = self._row_offsets[sl.matrix]
-                for piece, r, _ in rows_cols_pieces(x, sl.start, sl.cols):
-                    rowsum[off + r : off + r + piece.shape[0]] += piece.abs().sum(dim=1)
-        self._comm.all_reduce(rowsum)
-        for bi in matrix:
-            b, group, e = self._buckets[bi], self._group(self._buckets[bi]), errors[bi]
-            nb = b.shard // 8
-            valid = b.valid_in_shard(rank)
-            send = torch.zeros(nb + _HEADER, dtype=torch.uint8, device=self._device)
-            pack_signs(e, send[:nb])
-            is_zero = e == 0
-            zeros = pack_mask(is_zero)
-            send[nb] = is_zero[:valid].any().to(torch.uint8)
-            # the owner keeps what α·sign(e) does not carry
-            for _, sl, x in self._slice_views(bi, e):
-                alpha = rowsum[self._row_offsets[sl.matrix] : self._row_offsets[sl.matrix] + sl.rows] / sl.cols
-                for piece, r, _ in rows_cols_pieces(x, sl.start, sl.cols):
-                    piece.sub_(torch.sign(piece) * alpha[r : r + piece.shape[0], None])
-            bits, zbits = self._gather_signs(send, zeros)
-            for s, sl_all in self._all_matrix_slots[bi]:
-                j, (rows, cols) = sl_all, s.param.shape
-                alpha = rowsum[self._row_offsets[j] : self._row_offsets[j] + rows] / cols
-                sign = unpack_signs(_bit_slice(bits, s.offset, s.numel), s.numel,
-                                    None if zbits is None else _bit_slice(zbits, s.offset, s.numel))
-                upd = sign.view(rows, cols).mul_(alpha[:, None])
-                self._apply(s.param, lambda p: F.apply_update_(p, upd, group["lr"], group["weight_decay"]))
 
     # ----------------------------------------------------------------- introspection
     def comm_stats(self) -> dict:

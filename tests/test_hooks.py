@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import leo_dist
 import leo_dist.hooks
 from conftest import run_ranks
-from dist_util import SHAPES, averaged_grad, groups_for, local_grad, make_params, params_hash, rel_err
+from dist_util import groups_for, local_grad, make_params, params_hash, rel_err
 
 STEPS = 20
 

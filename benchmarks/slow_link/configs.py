@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 __all__ = ["Config", "Phase", "REGISTRY", "register", "get", "default_names", "HYPER", "model_shapes",
-           "DDP_BUCKET_BYTES", "DDP_FIRST_BUCKET_BYTES", "LEO_BUCKET_BYTES", "POWERSGD_RANK",
+           "DDP_BUCKET_BYTES", "LEO_BUCKET_BYTES", "POWERSGD_RANK",
            "POWERSGD_START_ITER"]
 
 # Per optimizer family, the demo's defaults (launch/train.py): sign methods take every coordinate a
@@ -27,13 +27,13 @@ HYPER = {
     "leo": dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01),
 }
 DDP_BUCKET_BYTES = 25 * 2**20
-DDP_FIRST_BUCKET_BYTES = 1 * 2**20  # DDP sends a small first bucket so that communication starts early
 LEO_BUCKET_BYTES = 25 * 2**20
 POWERSGD_RANK = 4
 # PowerSGD runs plain all-reduce for its first iterations (torch's recommended warm-up); the
 # benchmark's timed windows start after it, so they measure the compressed steady state.
 POWERSGD_START_ITER = 10
 POWERSGD_MIN_COMPRESSION_RATE = 2.0
+POWERSGD_BUCKET_BYTES = 1024 * 2**20
 
 
 @dataclass(frozen=True)
@@ -128,17 +128,14 @@ def _ring(world: int) -> float:
     return (world - 1) / world
 
 
-def _buckets(nbytes: float, cap: int, first: int = 0) -> int:
-    if nbytes <= 0:
-        return 0
-    if first:
-        return 1 + math.ceil(max(0.0, nbytes - first) / cap)
-    return math.ceil(nbytes / cap)
+def _buckets(nbytes: float, cap: int) -> int:
+    # DDP given an explicit bucket_cap_mb makes its first bucket that size too (no 1 MB first bucket).
+    return math.ceil(nbytes / cap) if nbytes > 0 else 0
 
 
 def _ddp_all_reduce(shapes: Shapes, world: int, wire_bytes: int) -> list[Phase]:
     n = shapes.numel
-    calls = _buckets(4 * n, DDP_BUCKET_BYTES, DDP_FIRST_BUCKET_BYTES)
+    calls = _buckets(4 * n, DDP_BUCKET_BYTES)
     return [Phase(f"all_reduce ({'fp32' if wire_bytes == 4 else '16-bit'} grads)", 2 * _ring(world) * wire_bytes * n,
                   calls)]
 
@@ -176,7 +173,7 @@ def _powersgd_split(shapes: Shapes, rank: int) -> tuple[int, int]:
 
 def cost_powersgd(shapes: Shapes, world: int) -> list[Phase]:
     plain, factors = _powersgd_split(shapes, POWERSGD_RANK)
-    calls = _buckets(4 * shapes.numel, DDP_BUCKET_BYTES, DDP_FIRST_BUCKET_BYTES)
+    calls = _buckets(4 * shapes.numel, POWERSGD_BUCKET_BYTES)
     return [Phase("all_reduce (uncompressed 1-D grads)", 2 * _ring(world) * 4 * plain, calls),
             Phase(f"all_reduce (rank-{POWERSGD_RANK} P and Q)", 2 * _ring(world) * 4 * factors, 2 * calls)]
 
@@ -231,9 +228,9 @@ def _decay_groups(model, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
-def _ddp(model):
+def _ddp(model, bucket_bytes: int = DDP_BUCKET_BYTES):
     from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, bucket_cap_mb=DDP_BUCKET_BYTES / 2**20)
+    return DDP(model, bucket_cap_mb=bucket_bytes / 2**20)
 
 
 def build_ddp_adamw(model, world, hyper):
@@ -263,7 +260,10 @@ def build_zero_lion(model, world, hyper):
 def build_ddp_powersgd_lion(model, world, hyper):
     import leo_dist
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
-    ddp = _ddp(model)
+    # One DDP bucket: with several, the Q all-reduce that one bucket's callback launches from a gloo
+    # thread races the next bucket's all-reduces, ranks issue them in different orders and gloo
+    # pairs mismatched collectives (seen here: a size-mismatch crash at the first compressed step).
+    ddp = _ddp(model, POWERSGD_BUCKET_BYTES)
     state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=POWERSGD_RANK,
                                start_powerSGD_iter=POWERSGD_START_ITER,
                                min_compression_rate=POWERSGD_MIN_COMPRESSION_RATE,

@@ -94,7 +94,7 @@ def rows_from(recs: list[dict], target: float) -> list[dict]:
                 steps_to_target=stt, time_to_target_s=None if stt is None else stt * med,
                 final_val_loss=r["evals"][-1][1], final_step=r["evals"][-1][0],
                 replicas_identical=r.get("replicas_identical"), curve_from=r.get("curve_from", ""),
-                run_id=r.get("run_id")))
+                run_id=r.get("run_id"), leo_dist_sha256=r.get("leo_dist_sha256"), wall_s=r.get("wall_s")))
     base = {(x["world"], x["rate"]): x for x in rows if x["config"] == BASELINE}
     for x in rows:
         b = base.get((x["world"], x["rate"]))
