@@ -111,7 +111,9 @@ class Lion(_MomentumSignOptimizer):
         weight_decay: decoupled decay λ, ≥ 0. Default 0.
         momentum_dtype: dtype of ``exp_avg`` (float32 or bfloat16). Default float32.
         fused: None picks the Triton kernels for CUDA tensors when Triton imports; True demands
-            them (raises otherwise); False always uses the multi-tensor torch path.
+            them (raises otherwise); False never uses Triton. Without Triton, contiguous CPU
+            float32/bfloat16 tensors take the compiled C path (:mod:`leo_dist.cpu_step`), anything
+            else the multi-tensor torch path; all give the same results.
     """
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0,
