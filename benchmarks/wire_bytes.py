@@ -23,7 +23,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("ddp", "lion_fp32", "lion_bf16", "leo_fp32", "leo_bf16")
+# <optimizer>_<grad_comm>[_u1bit]: u1bit sends Leo's matrix updates as row-scaled signs
+MODES = ("ddp", "lion_fp32", "lion_bf16", "lion_1bit", "leo_fp32", "leo_bf16", "leo_fp32_u1bit", "leo_1bit_u1bit")
 
 
 def lo_tx_bytes() -> int:
@@ -66,11 +67,13 @@ def probe_worker(rank: int, world: int, mode: str, model: str, steps: int, port:
             net = torch.nn.parallel.DistributedDataParallel(net)
             opt = leo_dist.Lion(net.parameters())
         else:
-            kind, wire = mode.split("_")
+            kind, wire, *rest = mode.split("_")
+            # no fp32 warm-up for 1-bit gradients: the counted steps must be compressed ones
             if kind == "lion":
-                opt = leo_dist.ShardedLion(net.parameters(), grad_comm=wire)
+                opt = leo_dist.ShardedLion(net.parameters(), grad_comm=wire, grad_comm_warmup=0)
             else:
-                opt = leo_dist.ShardedLeo(leo_dist.leo_param_groups(net), grad_comm=wire)
+                opt = leo_dist.ShardedLeo(leo_dist.leo_param_groups(net), grad_comm=wire, grad_comm_warmup=0,
+                                          update_comm="1bit" if rest == ["u1bit"] else "exact")
 
         def one_step():
             opt.zero_grad()
