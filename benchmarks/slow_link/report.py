@@ -219,7 +219,7 @@ def plots(out: str, rows: list[dict], recs: list[dict], fit_rows: list[dict], pr
     worlds = sorted({x["world"] for x in rows}, reverse=True)
     rates = sorted({x["rate"] for x in rows}, key=netns.parse_rate)
     names = list(dict.fromkeys(x["config"] for x in rows))
-    colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(configs.REGISTRY)}
+    colors = {n: plt.cm.tab20(i % 20) for i, n in enumerate(configs.REGISTRY)}
 
     fig, axes = plt.subplots(len(worlds), len(rates), figsize=(5.5 * len(rates), 3.8 * len(worlds)), squeeze=False)
     for i, world in enumerate(worlds):
