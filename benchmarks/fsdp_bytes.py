@@ -15,16 +15,19 @@ per-namespace worker.
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import os
 import subprocess
 import sys
-import uuid
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_link"))
+from netns import Namespace, read_counters  # noqa: E402  (the slow-link harness's namespace helpers)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -44,12 +47,7 @@ MODES = {
 
 
 def lo_tx() -> int:
-    with open("/proc/net/dev") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name.strip() == "lo":
-                return int(rest.split()[8])
-    raise RuntimeError("no lo interface in this namespace")
+    return read_counters("lo").tx_bytes
 
 
 def build(rank: int):
@@ -193,16 +191,11 @@ def main() -> None:
         return
     if os.geteuid() != 0:
         raise SystemExit("counting bytes on the wire needs root (it creates a network namespace)")
-    ns = f"leo-fsdp-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
-        cmd = ["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__), "--inside",
+    with Namespace(f"leo_fsdp_{os.getpid()}") as space:
+        cmd = [*space.exec_prefix(), sys.executable, os.path.abspath(__file__), "--inside",
                "--world", str(args.world), "--steps", str(args.steps), "--modes", *args.modes]
         run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
-    results = [eval(line[len("RESULT "):]) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [ast.literal_eval(line[len("RESULT "):]) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     if run.returncode != 0 or len(results) != len(args.modes):
         raise SystemExit(f"probe failed:\n{run.stdout}\n{run.stderr[-4000:]}")
     base = next((r["wire"] for r in results if r["mode"] == "ddp"), None)

@@ -16,24 +16,20 @@ import datetime
 import os
 import subprocess
 import sys
-import uuid
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks", "slow_link"))
+from netns import Namespace, read_counters  # noqa: E402  (the slow-link harness's namespace helpers)
 # <optimizer>_<grad_comm>[_u1bit]: u1bit sends Leo's matrix updates as row-scaled signs
 MODES = ("ddp", "lion_fp32", "lion_bf16", "lion_1bit", "leo_fp32", "leo_bf16", "leo_fp32_u1bit", "leo_1bit_u1bit")
 
 
 def lo_tx_bytes() -> int:
-    with open("/proc/net/dev") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name.strip() == "lo":
-                return int(rest.split()[8])
-    raise RuntimeError("no lo interface")
+    return read_counters("lo").tx_bytes
 
 
 def build(model: str, rank: int):
@@ -123,21 +119,6 @@ def in_netns(world: int, mode: str, model: str, steps: int, netns: str) -> tuple
     return float(wire), int(n), int(modelled)
 
 
-class Netns:
-    """A throw-away network namespace with its loopback up; removed on exit."""
-
-    def __enter__(self) -> str:
-        if os.geteuid() != 0:
-            raise PermissionError("counting bytes on the wire needs root (it creates a network namespace)")
-        self.name = f"leo-wire-{uuid.uuid4().hex[:8]}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
-        subprocess.run(["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"], check=True)
-        return self.name
-
-    def __exit__(self, *exc) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], check=False)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", type=int, nargs="+", default=[2, 4], help="world sizes")
@@ -151,7 +132,8 @@ def main() -> None:
         probe(args.world[0], args.modes[0], args.model, args.steps)
         return
     rows = []
-    with Netns() as ns:
+    with Namespace(f"leo_wire_{os.getpid()}") as space:
+        ns = space.name
         for w in args.world:
             base = None
             for mode in args.modes:
