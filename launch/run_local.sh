@@ -25,22 +25,8 @@ if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
     exit 2
 fi
 
-if [[ -n "${TORCHRUN:-}" ]]; then
-    :
-elif command -v torchrun >/dev/null 2>&1; then
-    TORCHRUN=torchrun
-elif [[ -x "$ROOT/.venv/bin/torchrun" ]]; then
-    TORCHRUN="$ROOT/.venv/bin/torchrun"
-else
-    echo "run_local.sh: torchrun not found; install torch or set TORCHRUN=/path/to/torchrun" >&2
-    exit 2
-fi
-
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    usage
-    echo
-    exec "$(dirname "$(command -v "$TORCHRUN")")/python" "$ROOT/launch/train.py" --help
-fi
+# shellcheck source=launch/common.sh
+source "$ROOT/launch/common.sh"
 
 # Ranks share this machine's cores; one intra-op thread each avoids oversubscription (torchrun
 # sets this too, with a warning; an explicit value from the caller wins).

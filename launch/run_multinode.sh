@@ -39,22 +39,8 @@ is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-if [[ -n "${TORCHRUN:-}" ]]; then
-    :
-elif command -v torchrun >/dev/null 2>&1; then
-    TORCHRUN=torchrun
-elif [[ -x "$ROOT/.venv/bin/torchrun" ]]; then
-    TORCHRUN="$ROOT/.venv/bin/torchrun"
-else
-    echo "run_multinode.sh: torchrun not found; install torch or set TORCHRUN=/path/to/torchrun" >&2
-    exit 2
-fi
-
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    usage
-    echo
-    exec "$(dirname "$(command -v "$TORCHRUN")")/python" "$ROOT/launch/train.py" --help
-fi
+# shellcheck source=launch/common.sh
+source "$ROOT/launch/common.sh"
 
 [[ -n "${NNODES:-}" ]] || die "set NNODES (number of machines)"
 is_uint "$NNODES" && (( NNODES >= 1 )) || die "NNODES must be a positive integer, got '$NNODES'"
