@@ -34,8 +34,6 @@ __all__ = ["Comm", "CommStats", "average_gradients"]
 # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name); older releases lack the new one.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-KINDS = ("reduce_scatter", "all_gather", "all_reduce", "broadcast", "all_to_all")
-
 
 @dataclass
 class _Count:

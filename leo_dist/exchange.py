@@ -37,7 +37,6 @@ class GradientExchange:
         self._pending: list[Callable[[], Tensor] | None] = [None] * n
         self._shards: list[Tensor | None] = [None] * n
         self._inflight: deque[int] = deque()
-        self._clipped = False
 
     def _stage(self, bi: int, slot: Slot, grad: Tensor | None, inv_scale: Tensor | None = None) -> None:
         """Copy one parameter's local gradient into its bucket (times ``inv_scale``, the AMP

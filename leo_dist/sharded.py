@@ -49,7 +49,6 @@ warnings.filterwarnings("ignore", message="GradScaler is going to stop passing i
 
 # grad_comm -> dtype the local gradients are staged in (1bit compresses from float32)
 _GRAD_COMMS = {"fp32": torch.float32, "bf16": torch.bfloat16, "1bit": torch.float32}
-_MAX_INFLIGHT = 2
 class _ShardedOptimizer(GradientExchange, MatrixSteps, Optimizer):
     _leo = False
 
