@@ -12,11 +12,18 @@ all_gather        (W−1) · input         (W−1) · input
 all_reduce        2(W−1)/W · input      2(W−1)/W · input
 broadcast         input (root), else 0  input (non-root)
 all_to_all        (W−1)/W · input       (W−1)/W · input
+gather            input (non-root)      (W−1)·input (root)
 ================  ===================  ===================
 
-Reduce-scatter on gloo: gloo's ``reduce_scatter_tensor`` moves as many bytes as an all-reduce
-(SPEC §5), so on gloo it is an ``all_to_all_single`` followed by a local sum of the W received
-chunks in rank order (which also makes the sum deterministic); on NCCL ``reduce_scatter_tensor``.
+The reduce-scatter has two implementations (:attr:`Comm.native_reduce_scatter`):
+
+* ``all_to_all_single`` followed by a local float32 sum of the W received chunks in rank order:
+  the default on gloo, whose own ``reduce_scatter_tensor`` moves as many bytes as an all-reduce
+  (docs/design.md, phase 1), and on NCCL for 16-bit wire dtypes, so that bf16 gradients are
+  summed in float32 (one rounding, at the sender) instead of in bf16 (W−1 roundings), and the
+  same bits come out on every backend;
+* ``reduce_scatter_tensor``: the default on NCCL for float32 gradients (bandwidth-optimal
+  there). Tests force it on gloo, which implements it, to exercise the NCCL branch on CPU.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Comm", "CommStats", "average_gradients"]
+__all__ = ["Comm", "CommStats", "Done", "average_gradients", "sum_in_rank_order"]
 
 # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name); older releases lack the new one.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -90,11 +97,21 @@ class CommStats:
         return {"last_step": table(self.last), "total": table(self.total), "steps": self.steps}
 
 
-class _Done:
-    """A finished 'work' handle, for worlds of one."""
+class Done:
+    """A finished 'work' handle (``wait()`` returns at once), for worlds of one and synchronous ops."""
 
     def wait(self, *args) -> bool:
         return True
+
+
+def sum_in_rank_order(chunks: Tensor) -> Tensor:
+    """Sum ``chunks`` (``[W, S]``, any float dtype) over its first dimension into a new float32
+    ``[S]`` tensor, adding rank 0, then 1, ... in float32: every rank that sums the same chunks
+    gets the same bits, whatever the collective's own reduction order would have been."""
+    total = chunks[0].float() if chunks.dtype != torch.float32 else chunks[0].clone()
+    for i in range(1, chunks.shape[0]):
+        total.add_(chunks[i])
+    return total
 
 
 class Comm:
@@ -111,6 +128,8 @@ class Comm:
             self.world = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
             self.backend = str(dist.get_backend(group)).lower()
+        #: use ``reduce_scatter_tensor`` for float32 gradients (NCCL's default; see module doc)
+        self.native_reduce_scatter = self.backend == "nccl"
 
     @property
     def distributed(self) -> bool:
@@ -133,26 +152,22 @@ class Comm:
         if not self.distributed:
             out = inp.float() if inp.dtype != torch.float32 else inp
             return lambda: out
-        if self.backend == "nccl":
+        if self.native_reduce_scatter and inp.dtype == torch.float32:
             out = torch.empty(s, dtype=inp.dtype, device=inp.device)
             work = dist.reduce_scatter_tensor(out, inp, group=self.group, async_op=True)
             self._count("reduce_scatter", inp, out, moved, moved)
 
-            def finish_nccl() -> Tensor:
+            def finish_native() -> Tensor:
                 work.wait()
-                return out.float()
-            return finish_nccl
+                return out
+            return finish_native
         recv = scratch if scratch is not None else torch.empty_like(inp)
         work = dist.all_to_all_single(recv, inp, group=self.group, async_op=True)
         self._count("reduce_scatter", inp, recv, moved, moved)
 
         def finish() -> Tensor:
             work.wait()
-            chunks = recv.view(w, s)
-            total = chunks[0].float() if chunks.dtype != torch.float32 else chunks[0].clone()
-            for i in range(1, w):
-                total.add_(chunks[i])
-            return total
+            return sum_in_rank_order(recv.view(w, s))
         return finish
 
     def all_gather(self, out: Tensor, inp: Tensor) -> None:
@@ -163,6 +178,27 @@ class Comm:
         _all_gather_single(out, inp, group=self.group)
         moved = (self.world - 1) * inp.numel() * inp.element_size()
         self._count("all_gather", inp, out, moved, moved)
+
+    def all_gather_start(self, out: Tensor, inp: Tensor):
+        """Asynchronous :meth:`all_gather`; returns a work handle (``.wait()``)."""
+        if not self.distributed:
+            out.copy_(inp)
+            return Done()
+        work = _all_gather_single(out, inp, group=self.group, async_op=True)
+        moved = (self.world - 1) * inp.numel() * inp.element_size()
+        self._count("all_gather", inp, out, moved, moved)
+        return work
+
+    def gather(self, out: Tensor | None, inp: Tensor, dst_rank: int) -> None:
+        """``out`` (``W·len(inp)``, on group rank ``dst_rank`` only; None elsewhere) ← every rank's ``inp``."""
+        if not self.distributed:
+            out.copy_(inp)
+            return
+        outs = list(out.view(self.world, -1).unbind(0)) if out is not None else None
+        dist.gather(inp, outs, dst=dist.get_global_rank(self.group, dst_rank), group=self.group)
+        n = inp.numel() * inp.element_size()
+        mine = self.rank == dst_rank
+        self._count("gather", inp, out if mine else inp, 0 if mine else n, (self.world - 1) * n if mine else 0)
 
     def all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> None:
         """In place over all ranks (SUM unless ``op`` says otherwise)."""
@@ -175,7 +211,7 @@ class Comm:
     def all_reduce_start(self, t: Tensor, op=dist.ReduceOp.SUM):
         """Asynchronous :meth:`all_reduce`; returns a work handle (``.wait()``)."""
         if not self.distributed:
-            return _Done()
+            return Done()
         work = dist.all_reduce(t, op=op, group=self.group, async_op=True)
         moved = 2 * (self.world - 1) * t.numel() * t.element_size() // self.world
         self._count("all_reduce", t, t, moved, moved)
@@ -193,7 +229,7 @@ class Comm:
         """Asynchronous ``all_to_all_single`` with equal splits; returns a work handle (``.wait()``)."""
         if not self.distributed:
             out.copy_(inp)
-            return _Done()
+            return Done()
         work = dist.all_to_all_single(out, inp, group=self.group, async_op=True)
         moved = (self.world - 1) * inp.numel() * inp.element_size() // self.world
         self._count("all_to_all", inp, out, moved, moved)

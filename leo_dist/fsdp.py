@@ -40,8 +40,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import functional as F
-from .collectives import Comm, CommStats
+from .dispatch import Backend
+from .functional import apply_update_, interpolate, leo_scale, update_momentum_
+from .collectives import Comm, CommStats, Done, sum_in_rank_order
 
 __all__ = ["is_dtensor", "any_dtensor", "dtensor_step_", "comm_stats", "AllToAllReduceScatter"]
 
@@ -156,8 +157,8 @@ def _matrix_step(matrices: list[tuple[dict, Tensor, Tensor, Tensor]], reducer: _
         key = (p.device_mesh, mesh_dims) if mesh_dims else None
         pl, gl, ml = _local(p), _local(g), _local(m)
         beta1, beta2 = group["betas"]
-        c = F.interpolate(ml, gl, beta1)
-        F.update_momentum_(ml, gl, beta2)
+        c = interpolate(ml, gl, beta1)
+        update_momentum_(ml, gl, beta2)
         entries.append((group, pl, c, dim, key, p.numel()))
 
     # Complete sums of squares. Sums along the sharded dim are partial; along the other, local.
@@ -192,13 +193,13 @@ def _matrix_step(matrices: list[tuple[dict, Tensor, Tensor, Tensor]], reducer: _
             usq[i] = buf[j]
 
     for i, (group, pl, u, dim, key, numel) in enumerate(entries):
-        s = F.leo_scale(usq[i], numel, group["align_const"], group["eps"])
-        F.apply_update_(pl, u.mul_(s), group["lr"], group["weight_decay"])
+        s = leo_scale(usq[i], numel, group["align_const"], group["eps"])
+        apply_update_(pl, u.mul_(s), group["lr"], group["weight_decay"])
 
 
 @torch.no_grad()
 def dtensor_step_(optimizer: Any, work: Sequence[tuple[dict, list, list, list]], *, rule: str,
-                  fused: bool = False) -> None:
+                  backend: Backend | None = None) -> None:
     """One Lion (``rule="lion"``) or Leo (``rule="leo"``) step over DTensor parameters, in place.
 
     ``work`` holds, per param group, ``(group, params, grads, exp_avgs)`` as the optimizer gathered
@@ -206,7 +207,7 @@ def dtensor_step_(optimizer: Any, work: Sequence[tuple[dict, list, list, list]],
     its grad and momentum DTensors of the same mesh and placements (or the momentum a plain tensor
     shaped like the local shard). Any dtype the functional maths accepts; computed in fp32.
 
-    Element-wise parts run on the local shards (the Triton kernels when ``fused``). Leo's 2-D
+    Element-wise parts run on the local shards through ``backend`` (the optimizer's, see :mod:`leo_dist.dispatch`). Leo's 2-D
     matrices of all groups share two all-reduces per sharding key (see :func:`_matrix_step`);
     their byte counts are in :func:`comm_stats`. Sends nothing when no matrix is sharded.
     """
@@ -236,19 +237,10 @@ def dtensor_step_(optimizer: Any, work: Sequence[tuple[dict, list, list, list]],
         ps = [_local(params[i]) for i in sign]
         gs = [_local(grads[i]) for i in sign]
         ms = [_local(exp_avgs[i]) for i in sign]
-        if fused:
-            from . import kernels
-            kernels.lion_step(ps, gs, ms, **kw)
-        else:
-            F.lion_update(ps, gs, ms, **kw)
+        (backend or Backend()).lion_step(ps, gs, ms, **kw)
     if matrices:
         _matrix_step(matrices, _Reducer(stats))
     stats.end_step()
-
-
-class _Done:
-    def wait(self, *args) -> bool:
-        return True
 
 
 def _fsdp_reduce_scatter_base() -> type:
@@ -273,7 +265,7 @@ def __getattr__(name: str):
 class _AllToAllReduceScatter:
     """A reduce-scatter for FSDP2's ``module.set_custom_reduce_scatter`` built from ``all_to_all_single``.
 
-    Gloo's ``reduce_scatter`` moves as many bytes as an all-reduce (SPEC §5); this moves
+    Gloo's ``reduce_scatter`` moves as many bytes as an all-reduce (docs/design.md, phase 1); this moves
     ``(W−1)/W`` of the input per rank, the ideal. Rank r receives the W chunks r of every rank
     (``input`` is ``W·S`` elements, ``output`` ``S``), sums them in rank order in the wire dtype's
     float32 widening, and divides by W for ``AVG``: the same bits as ``sum(g_r)/W`` in rank order,
@@ -296,11 +288,8 @@ class _AllToAllReduceScatter:
                                       "(FSDP2 picks PREMUL_SUM when gradient_divide_factor is set)")
         recv = torch.empty_like(input_tensor)
         dist.all_to_all_single(recv, input_tensor.contiguous(), group=group)
-        chunks = recv.view(w, -1)
-        total = chunks[0].float().clone()
-        for i in range(1, w):
-            total.add_(chunks[i])
+        total = sum_in_rank_order(recv.view(w, -1))
         if divide:
             total.div_(w)
         output_tensor.copy_(total.view_as(output_tensor))
-        return _Done()
+        return Done()

@@ -4,7 +4,7 @@ Every other path in leo_dist (the single-process optimizers, the sharded optimiz
 kernels) is a parity test against the functions in this module. They compute in float32 whatever
 the dtype of the parameter, gradient or momentum, and write results back in the stored dtype.
 
-Definitions (SPEC §1), for momentum ``m``, gradient ``g``, lr ``η``, betas ``(β1, β2)``, decay ``λ``::
+Definitions (docs/design.md, "The maths, once"), for momentum ``m``, gradient ``g``, lr ``η``, betas ``(β1, β2)``, decay ``λ``::
 
     c      = β1·m + (1−β1)·g                       (torch.lerp(g, m, β1))
     m      ← β2·m + (1−β2)·g                       (m.lerp_(g, 1−β2))

@@ -19,7 +19,6 @@ DDP buckets them or that DDP rebuilds its buckets after the first iteration. Und
 gradients, once.
 """
 
-import gc
 from typing import Any
 
 import torch
@@ -27,39 +26,39 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["attach", "reduce_scatter_hook", "HookState", "check_not_under_plain_ddp"]
+from .amp import inverse_scale
+from .sharded import _ShardedOptimizer
+
+__all__ = ["attach", "reduce_scatter_hook", "HookState"]
 
 
 class HookState:
-    """State of :func:`reduce_scatter_hook`: the sharded optimizer that receives the gradients."""
+    """State of :func:`reduce_scatter_hook`: the sharded optimizer that receives the gradients
+    (its :class:`~leo_dist.exchange.GradientExchange` stages them) and the AMP scaler, if any."""
 
     def __init__(self, optimizer: Any, grad_scaler: Any = None):
-        from .sharded import _ShardedOptimizer
-
         if not isinstance(optimizer, _ShardedOptimizer):
             raise TypeError("the leo_dist DDP hook needs a leo_dist.ShardedLeo or ShardedLion optimizer, got "
                             f"{type(optimizer).__name__}")
         self.optimizer = optimizer
         self.grad_scaler = grad_scaler
+        self.exchange = optimizer._exchange
 
 
 def reduce_scatter_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """DDP comm hook (``ddp_model.register_comm_hook(state, reduce_scatter_hook)``); see the module doc."""
-    opt = state.optimizer
-    comm = opt._comm
+    exchange = state.exchange
+    comm = exchange.comm
     buf = bucket.buffer()
     foreign: list[Tensor] = []
-    inv_scale = None
-    if state.grad_scaler is not None and state.grad_scaler.is_enabled():
-        # Unscaled while copying into the optimizer's buckets, so that the averaged shards (which
-        # clip_grad_norm_ and step() see) are true gradients; .grad keeps the scaled local ones.
-        inv_scale = state.grad_scaler._scale.double().reciprocal().float()
+    # Unscaled while copying into the optimizer's buckets, so that the averaged shards (which
+    # clip_grad_norm_ and step() see) are true gradients; .grad keeps the scaled local ones.
+    inv_scale = inverse_scale(state.grad_scaler)
     for p, g in zip(bucket.parameters(), bucket.gradients()):
-        where = opt._where.get(id(p))
-        if where is None:
-            foreign.append(g)
+        if exchange.owns(p):
+            exchange.stage(p, g, inv_scale)
         else:
-            opt._stage(where[0], where[1], g, inv_scale)
+            foreign.append(g)
     if not foreign:
         fut: torch.futures.Future[Tensor] = torch.futures.Future()
         fut.set_result(buf)
@@ -108,25 +107,6 @@ def attach(ddp_model: DistributedDataParallel, optimizer: Any, grad_scaler: Any 
     if ddp_model._comm_hooks:
         raise RuntimeError("ddp_model already has a communication hook; DDP allows only one")
     ddp_model.register_comm_hook(state, reduce_scatter_hook)
-    optimizer._hook_attached = True
-    optimizer._hook_scaler = grad_scaler
+    optimizer._attach_hook(grad_scaler)
     return state
 
-
-def check_not_under_plain_ddp(optimizer: Any) -> None:
-    """Raise if a DDP module without the leo_dist hook trains the optimizer's parameters.
-
-    Such a model already all-reduces every gradient; stepping the sharded optimizer on top would
-    send them a second time. Run once, at the first step (it walks the garbage collector's list).
-    """
-    mine = set(optimizer._where)
-    for obj in gc.get_objects():
-        # type() rather than isinstance(): the latter asks some module-level objects (torch's
-        # deprecated reduce_op) for their class and makes them warn
-        if issubclass(type(obj), DistributedDataParallel):
-            if any(id(p) in mine for p in obj.parameters()):
-                if not any(h is reduce_scatter_hook for h, _ in obj._comm_hooks):
-                    raise RuntimeError(
-                        "these parameters belong to a DistributedDataParallel model that all-reduces their "
-                        "gradients with its default hook; call leo_dist.hooks.attach(ddp_model, optimizer) "
-                        "so that DDP reduce-scatters into the optimizer instead of sending them twice")

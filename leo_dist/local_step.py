@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import functional as F
+from .functional import apply_update_, interpolate, update_momentum_
 from .packing import pack_mask, unpack_signs
 
 __all__ = ["sign_shard_step_", "apply_signs_"]
@@ -72,13 +72,13 @@ def _sign_shard_step_torch(
     Returns a 0-d uint8 tensor on the shard's device: 1 when some valid ``c_i == 0``, else 0.
     (A tensor, so that a GPU back end need not synchronise.)
     """
-    c = F.interpolate(exp_avg, grad, beta1)
+    c = interpolate(exp_avg, grad, beta1)
     if n_valid < c.numel():
         c[n_valid:] = float("nan")  # NaN is neither > 0 nor == 0: padding sets no bit
     pack_mask(c > 0, bits)
     is_zero = c == 0
     pack_mask(is_zero, zeros)
-    F.update_momentum_(exp_avg, grad, beta2)
+    update_momentum_(exp_avg, grad, beta2)
     return is_zero.any().to(torch.uint8)
 
 
@@ -90,4 +90,4 @@ def _apply_signs_torch(param: Tensor, bits: Tensor, zeros: Tensor | None, lr: fl
     ``(numel + 7) // 8`` bytes, bit ``i`` for flat element ``i``.
     """
     sign = unpack_signs(bits, param.numel(), zeros, dtype=torch.float32)
-    F.apply_update_(param, sign, lr, weight_decay, scale)
+    apply_update_(param, sign, lr, weight_decay, scale)

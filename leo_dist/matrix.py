@@ -1,55 +1,33 @@
-"""Leo's 2-D rule on matrices whose rows are split across ranks.
+"""Phases 2–3 of a sharded step for Leo's matrices, whose rows may be split across ranks.
 
 The owning rank of a slice of a matrix knows only part of each row and column norm. It adds the
 squares of its ``c`` to a buffer holding, for every matrix of the optimizer, R row sums then C
 column sums; one all-reduce of that buffer (O(rows + cols) floats per matrix, every matrix in one
 call) completes the norms, a second all-reduce of one float per matrix completes ``Σu²``. Where a
 shard boundary falls does not matter: every element meets the same complete norms.
+
+Then the update travels (per matrix bucket of shard ``S``):
+
+* ``update_comm="exact"``: one all-gather of the update in the parameter dtype, ``S·itemsize``
+  bytes in per rank;
+* ``update_comm="1bit"``: one all-reduce of one float per matrix row (the row scales), then one
+  all-gather of ``S/8 + 8`` bytes of packed signs per rank (zero bitmaps only when needed), with
+  an error-feedback buffer on the owner (see :mod:`leo_dist.onebit`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from . import functional as F
+from .collectives import Comm
+from .functional import apply_update_, interpolate, leo_scale, update_momentum_
 from .packing import HEADER_BYTES, bit_slice, pack_mask, pack_signs, unpack_signs
-from .partition import rows_cols_pieces
+from .partition import Layout, MatrixSlice, NormLayout, rows_cols_pieces
+from .signs import apply_to, gather_signs
 
-__all__ = ["MatrixSlice", "MatrixSteps", "add_row_col_sumsq_", "direction_", "NormLayout"]
-
-
-@dataclass
-class MatrixSlice:
-    """A rank's part of one matrix: flat elements ``[start, end)`` of an (rows, cols) matrix."""
-
-    matrix: int        # index of the matrix in the NormLayout
-    rows: int
-    cols: int
-    start: int
-    end: int
-
-
-class NormLayout:
-    """Where each matrix's row and column sums live in the shared norm buffer."""
-
-    def __init__(self, shapes: list[tuple[int, int]]):
-        self.shapes = shapes
-        self.offsets = []
-        pos = 0
-        for r, c in shapes:
-            self.offsets.append(pos)
-            pos += r + c
-        self.size = pos
-
-    def rows(self, buf: Tensor, j: int) -> Tensor:
-        r, _ = self.shapes[j]
-        return buf[self.offsets[j] : self.offsets[j] + r]
-
-    def cols(self, buf: Tensor, j: int) -> Tensor:
-        r, c = self.shapes[j]
-        return buf[self.offsets[j] + r : self.offsets[j] + r + c]
+__all__ = ["MatrixStep", "add_row_col_sumsq_", "direction_"]
 
 
 def add_row_col_sumsq_(x: Tensor, sl: MatrixSlice, layout: NormLayout, buf: Tensor) -> None:
@@ -77,95 +55,107 @@ def direction_(x: Tensor, sl: MatrixSlice, layout: NormLayout, norms: Tensor, ep
     return total
 
 
-class MatrixSteps:
-    """Mixin for ``ShardedLeo``: the step of its matrix buckets (needs the optimizer's layout:
-    ``_slices``, ``_norm_layout``, ``_matrix_numel``, ``_row_offsets``, ``_all_matrix_slots``,
-    ``_update_error``, and ``_gather_signs``/``_apply``/``_group``)."""
+class MatrixStep:
+    """Leo's 2-D rule on every matrix bucket of a :class:`~leo_dist.partition.Layout`.
 
-    def _slice_views(self, bi: int, flat: Tensor):
-        """``(slot, MatrixSlice, view of flat)`` for this rank's part of each matrix of bucket ``bi``;
-        ``flat`` is a tensor over the rank's shard of the bucket."""
-        lo = self._buckets[bi].shard_range(self._comm.rank)[0]
-        for s, sl in self._slices.get(bi, []):
-            base = s.offset + sl.start - lo
-            yield s, sl, flat[base : base + sl.end - sl.start]
+    Args:
+        layout, comm: the optimizer's layout and collectives.
+        update_comm: "exact" or "1bit".
+        device: where buffers live.
 
-    def _matrix_step(self, matrix: list[int], shards: list[Tensor]) -> None:
-        """Leo's 2-D rule on every matrix bucket; two small all-reduces for all of them together."""
-        layout = self._norm_layout
-        sumsq = torch.zeros(layout.size, dtype=torch.float32, device=self._device)
-        cs: dict[int, Tensor] = {}
-        for bi in matrix:
-            beta1, beta2 = self._group(self._buckets[bi])["betas"]
-            g, m = shards[bi], self._momentum[bi]
-            cs[bi] = F.interpolate(m, g, beta1)
-            F.update_momentum_(m, g, beta2)
-            for _, sl, x in self._slice_views(bi, cs[bi]):
-                add_row_col_sumsq_(x, sl, layout, sumsq)
-        self._comm.all_reduce(sumsq)
-        norms = sumsq.sqrt_()
-        usq = torch.zeros(len(self._matrix_numel), dtype=torch.float32, device=self._device)
-        for bi in matrix:
-            eps = self._group(self._buckets[bi])["eps"]
-            for _, sl, x in self._slice_views(bi, cs[bi]):
-                usq[sl.matrix] += direction_(x, sl, layout, norms, eps)
-        self._comm.all_reduce(usq)
-        for bi in matrix:
-            b, group = self._buckets[bi], self._group(self._buckets[bi])
-            for _, sl, x in self._slice_views(bi, cs[bi]):
-                x.mul_(F.leo_scale(usq[sl.matrix], self._matrix_numel[sl.matrix], group["align_const"], group["eps"]))
-            cs[bi][b.valid_in_shard(self._comm.rank):] = 0
-        if self.update_comm == "1bit":
-            self._matrix_update_1bit(matrix, cs)
+    State kept across steps: ``update_error`` (``update_comm="1bit"`` only): per matrix bucket a
+    float32 ``[S]`` buffer over this rank's shard, what the 1-bit updates have not yet carried.
+    """
+
+    def __init__(self, layout: Layout, comm: Comm, update_comm: str, device: torch.device):
+        if update_comm not in ("exact", "1bit"):
+            raise ValueError(f"update_comm must be 'exact' or '1bit', got {update_comm!r}")
+        self.layout, self.comm, self.update_comm, self.device = layout, comm, update_comm, device
+        self.buckets = layout.kind_buckets("matrix")
+        self.update_error: dict[int, Tensor] = {}
+        if update_comm == "1bit":
+            for bi in self.buckets:
+                self.update_error[bi] = torch.zeros(layout.buckets[bi].shard, dtype=torch.float32, device=device)
+
+    def step(self, groups: list[dict[str, Any]], shards: list[Tensor], exp_avgs: list[Tensor]) -> None:
+        """Step every matrix bucket; ``shards``/``exp_avgs`` are indexed by bucket (averaged float32
+        gradient shards, read only; momentum shards, updated in place). Two small all-reduces for
+        all matrices together, then the update exchange."""
+        if not self.buckets:
             return
-        world = self._comm.world
-        for bi in matrix:
-            b, group = self._buckets[bi], self._group(self._buckets[bi])
-            full = torch.empty(world * b.shard, dtype=b.dtype, device=self._device)
-            self._comm.all_gather(full, cs.pop(bi).to(b.dtype))
+        layout, norms_at = self.layout, self.layout.norms
+        group_of = lambda bi: groups[layout.buckets[bi].group_index]  # noqa: E731
+        sumsq = torch.zeros(norms_at.size, dtype=torch.float32, device=self.device)
+        cs: dict[int, Tensor] = {}
+        for bi in self.buckets:
+            beta1, beta2 = group_of(bi)["betas"]
+            g, m = shards[bi], exp_avgs[bi]
+            cs[bi] = interpolate(m, g, beta1)
+            update_momentum_(m, g, beta2)
+            for _, sl, x in layout.owned_views(bi, cs[bi]):
+                add_row_col_sumsq_(x, sl, norms_at, sumsq)
+        self.comm.all_reduce(sumsq)
+        norms = sumsq.sqrt_()
+        usq = torch.zeros(len(layout.matrix_numel), dtype=torch.float32, device=self.device)
+        for bi in self.buckets:
+            eps = group_of(bi)["eps"]
+            for _, sl, x in layout.owned_views(bi, cs[bi]):
+                usq[sl.matrix] += direction_(x, sl, norms_at, norms, eps)
+        self.comm.all_reduce(usq)
+        for bi in self.buckets:
+            b, group = layout.buckets[bi], group_of(bi)
+            for _, sl, x in layout.owned_views(bi, cs[bi]):
+                x.mul_(leo_scale(usq[sl.matrix], layout.matrix_numel[sl.matrix], group["align_const"], group["eps"]))
+            cs[bi][b.valid_in_shard(self.comm.rank):] = 0
+        if self.update_comm == "1bit":
+            self._send_1bit(group_of, cs)
+            return
+        for bi in self.buckets:
+            b, group = layout.buckets[bi], group_of(bi)
+            full = torch.empty(self.comm.world * b.shard, dtype=b.dtype, device=self.device)
+            self.comm.all_gather(full, cs.pop(bi).to(b.dtype))
             for s in b.slots:
                 if s.numel:
                     upd = full[s.offset : s.offset + s.numel]
-                    self._apply(s.param, lambda p: F.apply_update_(p, upd, group["lr"], group["weight_decay"]))
+                    apply_to(s.param, lambda p: apply_update_(p, upd, group["lr"], group["weight_decay"]))
 
-    def _matrix_update_1bit(self, matrix: list[int], updates: dict[int, Tensor]) -> None:
+    def _send_1bit(self, group_of: Callable[[int], dict[str, Any]], updates: dict[int, Tensor]) -> None:
         """Send Leo's matrix updates as ``α_row·sign(e)`` with error feedback (see :mod:`leo_dist.onebit`).
 
         One all-reduce of R floats per matrix (all matrices together) completes the row means of
         ``|e|``; then per bucket one all-gather of bits, as for sign buckets.
         """
-        rank = self._comm.rank
-        rowsum = torch.zeros(self._row_layout_size, dtype=torch.float32, device=self._device)
+        layout, rank = self.layout, self.comm.rank
+        rowsum = torch.zeros(layout.row_size, dtype=torch.float32, device=self.device)
         errors = {}
-        for bi in matrix:
-            e = self._update_error[bi]
+        for bi in self.buckets:
+            e = self.update_error[bi]
             e.add_(updates.pop(bi))
             errors[bi] = e
-            for _, sl, x in self._slice_views(bi, e):
-                off = self._row_offsets[sl.matrix]
+            for _, sl, x in layout.owned_views(bi, e):
+                off = layout.row_offsets[sl.matrix]
                 for piece, r, _ in rows_cols_pieces(x, sl.start, sl.cols):
                     rowsum[off + r : off + r + piece.shape[0]] += piece.abs().sum(dim=1)
-        self._comm.all_reduce(rowsum)
-        for bi in matrix:
-            b, group, e = self._buckets[bi], self._group(self._buckets[bi]), errors[bi]
+        self.comm.all_reduce(rowsum)
+        for bi in self.buckets:
+            b, group, e = layout.buckets[bi], group_of(bi), errors[bi]
             nb = b.shard // 8
             valid = b.valid_in_shard(rank)
-            send = torch.zeros(nb + HEADER_BYTES, dtype=torch.uint8, device=self._device)
+            send = torch.zeros(nb + HEADER_BYTES, dtype=torch.uint8, device=self.device)
             pack_signs(e, send[:nb])
             is_zero = e == 0
             zeros = pack_mask(is_zero)
             send[nb] = is_zero[:valid].any().to(torch.uint8)
             # the owner keeps what α·sign(e) does not carry
-            for _, sl, x in self._slice_views(bi, e):
-                alpha = rowsum[self._row_offsets[sl.matrix] : self._row_offsets[sl.matrix] + sl.rows] / sl.cols
+            for _, sl, x in layout.owned_views(bi, e):
+                alpha = rowsum[layout.row_offsets[sl.matrix] : layout.row_offsets[sl.matrix] + sl.rows] / sl.cols
                 for piece, r, _ in rows_cols_pieces(x, sl.start, sl.cols):
                     piece.sub_(torch.sign(piece) * alpha[r : r + piece.shape[0], None])
-            bits, zbits = self._gather_signs(send, zeros)
-            for s, sl_all in self._all_matrix_slots[bi]:
-                j, (rows, cols) = sl_all, s.param.shape
-                alpha = rowsum[self._row_offsets[j] : self._row_offsets[j] + rows] / cols
+            bits, zbits = gather_signs(self.comm, send, zeros)
+            for s, j in layout.matrix_slots[bi]:
+                rows, cols = s.param.shape
+                alpha = rowsum[layout.row_offsets[j] : layout.row_offsets[j] + rows] / cols
                 sign = unpack_signs(bit_slice(bits, s.offset, s.numel), s.numel,
                                     None if zbits is None else bit_slice(zbits, s.offset, s.numel))
                 upd = sign.view(rows, cols).mul_(alpha[:, None])
-                self._apply(s.param, lambda p: F.apply_update_(p, upd, group["lr"], group["weight_decay"]))
-
+                apply_to(s.param, lambda p: apply_update_(p, upd, group["lr"], group["weight_decay"]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .collectives import sum_in_rank_order
 from .packing import pack_signs, unpack_signs
 
 __all__ = ["GRAD_CHUNK", "grad_payload_bytes", "compress_grad_", "decode_grad"]
@@ -82,7 +83,4 @@ def decode_grad(recv: Tensor, world: int, shard: int) -> Tensor:
     # a fresh copy: the float32 view needs 4-byte aligned storage
     scales = recv[:, nb:].reshape(-1).clone().view(torch.float32).view(world, n_chunks)
     vals = signs * scales.repeat_interleave(GRAD_CHUNK, dim=1)[:, :shard]
-    total = vals[0].clone()
-    for r in range(1, world):
-        total.add_(vals[r])
-    return total.div_(world)
+    return sum_in_rank_order(vals).div_(world)

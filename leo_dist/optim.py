@@ -14,21 +14,10 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from . import functional as F
+from .dispatch import select_backend
 from .validation import check_hyperparameters, check_param, check_grad, check_momentum_dtype
-from .dispatch import resolve_fused
 
 __all__ = ["Lion", "Leo", "leo_param_groups"]
-
-
-def _cpu_fast_path(params, grads, exp_avgs) -> bool:
-    """Whether the one-pass C step (:mod:`leo_dist.cpu_step`) can run this group's tensors.
-
-    It needs contiguous CPU float32/bfloat16 tensors and a working C compiler; otherwise the
-    foreach torch path runs, with the same results (bitwise for sign updates).
-    """
-    from . import cpu_step
-    return cpu_step.supports(*params, *grads, *exp_avgs) and cpu_step.available()
 
 
 class _MomentumSignOptimizer(Optimizer):
@@ -41,7 +30,12 @@ class _MomentumSignOptimizer(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 check_param(p)
-        self._fused = resolve_fused(fused, [p for g in self.param_groups for p in g["params"]])
+        self._backend = select_backend(fused, [p for g in self.param_groups for p in g["params"]])
+
+    @property
+    def fused(self) -> bool:
+        """True when the local step runs the Triton kernels (chosen at construction from ``fused``)."""
+        return self._backend.name == "triton"
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -89,7 +83,7 @@ class _MomentumSignOptimizer(Optimizer):
         from . import fsdp as _fsdp  # DTensor (FSDP2) params: cross-shard Leo norms, see leo_dist/fsdp.py
         if _fsdp.any_dtensor(self.param_groups):
             _fsdp.dtensor_step_(self, [(g, *self._gather(g)) for g in self.param_groups],
-                                rule="leo" if isinstance(self, Leo) else "lion", fused=self._fused)
+                                rule="leo" if isinstance(self, Leo) else "lion", backend=self._backend)
             return loss
         for group in self.param_groups:
             params, grads, exp_avgs = self._gather(group)
@@ -124,17 +118,8 @@ class Lion(_MomentumSignOptimizer):
 
     def _update(self, group, params, grads, exp_avgs) -> None:
         beta1, beta2 = group["betas"]
-        if self._fused:
-            from . import kernels
-            kernels.lion_step(params, grads, exp_avgs, lr=group["lr"], beta1=beta1, beta2=beta2,
-                              weight_decay=group["weight_decay"], sign_scale=1.0)
-            return
-        kw = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
-        if _cpu_fast_path(params, grads, exp_avgs):
-            from . import cpu_step
-            cpu_step.lion_step_(params, grads, exp_avgs, **kw)
-            return
-        F.lion_update(params, grads, exp_avgs, **kw)
+        self._backend.lion_step(params, grads, exp_avgs, lr=group["lr"], beta1=beta1, beta2=beta2,
+                                weight_decay=group["weight_decay"])
 
 
 class Leo(_MomentumSignOptimizer):
@@ -158,19 +143,9 @@ class Leo(_MomentumSignOptimizer):
 
     def _update(self, group, params, grads, exp_avgs) -> None:
         beta1, beta2 = group["betas"]
-        kw = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
-        if self._fused:
-            from . import kernels
-            kernels.leo_step(params, grads, exp_avgs, align_const=group["align_const"], eps=group["eps"],
-                             orthogonalize=group["orthogonalize"], **kw)
-            return
-        if _cpu_fast_path(params, grads, exp_avgs):
-            from . import cpu_step
-            cpu_step.leo_step_(params, grads, exp_avgs, align_const=group["align_const"], eps=group["eps"],
-                               orthogonalize=group["orthogonalize"], **kw)
-            return
-        F.leo_update(params, grads, exp_avgs, align_const=group["align_const"], eps=group["eps"],
-                     orthogonalize=group["orthogonalize"], **kw)
+        self._backend.leo_step(params, grads, exp_avgs, lr=group["lr"], beta1=beta1, beta2=beta2,
+                               weight_decay=group["weight_decay"], align_const=group["align_const"],
+                               eps=group["eps"], orthogonalize=group["orthogonalize"])
 
 
 def leo_param_groups(model: nn.Module, weight_decay: float = 0.01) -> list[dict[str, Any]]:

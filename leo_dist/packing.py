@@ -3,7 +3,7 @@
 Bit order: element ``i`` lives in byte ``i // 8`` at bit ``i % 8`` (least significant bit first),
 the order of ``numpy.packbits(..., bitorder="little")``. A set bit means ``x > 0``. The last byte is
 padded with zero bits. Because one bit cannot encode zero, exact zeros travel in a second bitmap
-of the same layout (bit set where ``x == 0``), sent only when a bucket has any (SPEC §2.4).
+of the same layout (bit set where ``x == 0``), sent only when a bucket has any (docs/design.md, phase 3).
 
 All functions are vectorised torch, work on any device, and never loop over elements in Python.
 """

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["Slot", "Bucket", "build_buckets", "rows_cols_pieces"]
+__all__ = ["Slot", "Bucket", "build_buckets", "rows_cols_pieces", "MatrixSlice", "NormLayout", "Layout"]
 
 
 @dataclass
@@ -105,3 +105,104 @@ def rows_cols_pieces(x: Tensor, start: int, cols: int):
         pos += full * cols
     if pos < n:
         yield x[pos:].view(1, n - pos), (start + pos) // cols, 0
+
+
+@dataclass
+class MatrixSlice:
+    """A rank's part of one matrix: flat elements ``[start, end)`` of an (rows, cols) matrix."""
+
+    matrix: int        # index of the matrix in the NormLayout
+    rows: int
+    cols: int
+    start: int
+    end: int
+
+
+class NormLayout:
+    """Where each matrix's row and column sums live in one flat norm buffer: R row sums, then C
+    column sums, matrix after matrix (``size`` floats in all)."""
+
+    def __init__(self, shapes: list[tuple[int, int]]):
+        self.shapes = shapes
+        self.offsets = []
+        pos = 0
+        for r, c in shapes:
+            self.offsets.append(pos)
+            pos += r + c
+        self.size = pos
+
+    def rows(self, buf: Tensor, j: int) -> Tensor:
+        r, _ = self.shapes[j]
+        return buf[self.offsets[j] : self.offsets[j] + r]
+
+    def cols(self, buf: Tensor, j: int) -> Tensor:
+        r, c = self.shapes[j]
+        return buf[self.offsets[j] + r : self.offsets[j] + r + c]
+
+
+class Layout:
+    """Where every parameter of a sharded optimizer lives; fixed at construction, the same on all ranks.
+
+    ``groups[g]`` lists ``(param, kind)`` for param group ``g`` (kind "sign" or "matrix"); ``rank``
+    is this rank's index among ``world``.
+
+    Attributes:
+        buckets: the buckets (see :func:`build_buckets`).
+        where: ``id(param) -> (bucket index, Slot)``.
+        norms: the :class:`NormLayout` of every matrix, in bucket order.
+        matrix_numel, row_offsets, row_size: per matrix its size and the offset of its rows in a
+            buffer of ``row_size`` floats holding one value per row of every matrix.
+        matrix_slots: ``bucket index -> [(Slot, matrix index)]`` for every matrix of a matrix bucket.
+    """
+
+    def __init__(self, groups: list[list[tuple[Tensor, str]]], world: int, rank: int, bucket_bytes: int):
+        entries, index = [], 0
+        for rows in groups:
+            entries.append([(index + k, p, kind) for k, (p, kind) in enumerate(rows)])
+            index += len(rows)
+        self.world, self.rank = world, rank
+        self.buckets: list[Bucket] = build_buckets(entries, world, bucket_bytes)
+        self.where: dict[int, tuple[int, Slot]] = {
+            id(s.param): (bi, s) for bi, b in enumerate(self.buckets) for s in b.slots}
+        shapes: list[tuple[int, int]] = []
+        self.matrix_slots: dict[int, list[tuple[Slot, int]]] = {}
+        self._owned: dict[int, list[tuple[Slot, MatrixSlice]]] = {}
+        for bi, b in enumerate(self.buckets):
+            if b.kind != "matrix":
+                continue
+            lo, hi = b.shard_range(rank)
+            self.matrix_slots[bi] = []
+            for s in b.slots:
+                r, c = s.param.shape
+                j = len(shapes)
+                shapes.append((r, c))
+                self.matrix_slots[bi].append((s, j))
+                a, e = s.owned(lo, hi)
+                if a < e:
+                    self._owned.setdefault(bi, []).append((s, MatrixSlice(j, r, c, a, e)))
+        self.norms = NormLayout(shapes)
+        self.matrix_numel = [r * c for r, c in shapes]
+        self.row_offsets = [sum(r for r, _ in shapes[:j]) for j in range(len(shapes))]
+        self.row_size = sum(r for r, _ in shapes)
+
+    def kind_buckets(self, kind: str) -> list[int]:
+        """Indices of the buckets of one kind ("sign" or "matrix"), in order."""
+        return [bi for bi, b in enumerate(self.buckets) if b.kind == kind]
+
+    def owned_views(self, bi: int, flat: Tensor):
+        """``(slot, MatrixSlice, view)`` for this rank's part of each matrix of bucket ``bi``;
+        ``flat`` is a tensor over this rank's shard of the bucket (``bucket.shard`` elements)."""
+        lo = self.buckets[bi].shard_range(self.rank)[0]
+        for s, sl in self._owned.get(bi, []):
+            base = s.offset + sl.start - lo
+            yield s, sl, flat[base : base + sl.end - sl.start]
+
+    def shard_views(self, bi: int, flat: Tensor):
+        """``(slot, (a, e), view)``: each parameter's part ``[a, e)`` (flat indices) of this rank's
+        shard ``flat`` of bucket ``bi``; parameters outside the shard get an empty view."""
+        b = self.buckets[bi]
+        lo, hi = b.shard_range(self.rank)
+        for s in b.slots:
+            a, e = s.owned(lo, hi)
+            base = s.offset + a - lo
+            yield s, (a, e), flat[base : base + (e - a)]

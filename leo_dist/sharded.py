@@ -1,18 +1,25 @@
-"""ZeRO-style sharded Lion and Leo with 1-bit packed updates (SPEC §2).
+"""ZeRO-style sharded Lion and Leo with 1-bit packed updates (design: docs/design.md).
 
-Every rank keeps a full replica of the parameters and 1/W of the momentum. One step:
+Every rank keeps a full replica of the parameters and 1/W of the momentum. The optimizer is a
+composition; each phase of a step belongs to one object, built at construction:
 
-1. reduce-scatter: each bucket's gradients, flattened in the wire dtype (fp32 or bf16), are
-   summed across ranks into the owner's shard (gloo: all-to-all + local sum; NCCL:
-   reduce_scatter_tensor) and divided by W once. Sends ``(W−1)/W·N·wire_bytes`` per rank.
-2. local step on the shard: momentum, ``c``, and the update. Leo's matrices complete their row
-   and column norms with one all-reduce of ``Σ(rows+cols)`` floats and their RMS with one of a
-   float per matrix.
-3. all-gather: sign buckets send ``S/8`` bytes of packed bits plus an 8-byte header per rank
-   (and, only when some ``c`` is exactly 0, a second all-gather of the ``S/8``-byte zero
-   bitmaps); Leo's matrix buckets send their update in the parameter dtype. Every rank decodes
-   and applies ``p ← p·(1−lr·wd) − lr·update`` to its replica, from the same bytes with the same
-   arithmetic, so replicas stay bitwise identical.
+======================  =========================================  ==============================
+phase                   what happens                               done by
+======================  =========================================  ==============================
+layout (once)           parameters → buckets → per-rank shards     :class:`~leo_dist.partition.Layout`
+1. gradient exchange    local ``.grad`` → averaged float32 shard   :class:`~leo_dist.exchange.GradientExchange`
+                        (reduce-scatter, or 1-bit all-to-all)
+2–3. sign buckets       momentum, packed signs, all-gather, apply  :class:`~leo_dist.signs.SignStep`
+2–3. Leo matrices       cross-shard norms, update, all-gather,     :class:`~leo_dist.matrix.MatrixStep`
+                        apply
+local arithmetic        Triton / C / torch                         :func:`~leo_dist.dispatch.select_backend`
+======================  =========================================  ==============================
+
+Bytes per rank and step: the exchange sends ``(W−1)/W·N·wire_bytes``; sign buckets all-gather
+``S/8 + 8`` bytes per rank and bucket; Leo's matrices add two all-reduces of ``O(rows+cols)``
+floats and send their update in the parameter dtype (``update_comm="exact"``) or as bits plus one
+all-reduce of one float per row (``"1bit"``). Every rank decodes and applies the same bytes with
+the same arithmetic, so replicas stay bitwise identical.
 
 A parameter whose ``.grad`` is None on a rank contributes a zero gradient (the sharded step
 cannot skip a parameter unless every rank agrees it has no gradient; unlike the single-process
@@ -23,7 +30,6 @@ gradient shards (N/W elements) between the exchange and the step.
 """
 from __future__ import annotations
 
-import warnings
 import zlib
 from typing import Any, Callable
 
@@ -32,30 +38,26 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import local_step
+from . import amp, checkpoint
 from .collectives import Comm
+from .ddp_guard import DDPGuard
+from .dispatch import select_backend
 from .exchange import GradientExchange
-from .dispatch import resolve_fused
-from .matrix import MatrixSlice, MatrixSteps, NormLayout
-from .packing import HEADER_BYTES, bit_slice
-from .partition import Bucket, Slot, build_buckets
+from .matrix import MatrixStep
+from .partition import Layout
+from .signs import SignStep
 from .validation import check_hyperparameters, check_momentum_dtype, check_param
 
 __all__ = ["ShardedLion", "ShardedLeo"]
 
-# GradScaler hands itself to optimizers whose step() takes `grad_scaler` (see step()), with a
-# FutureWarning about a future protocol that would not let us make found_inf agree across ranks.
-warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
 
-# grad_comm -> dtype the local gradients are staged in (1bit compresses from float32)
-_GRAD_COMMS = {"fp32": torch.float32, "bf16": torch.bfloat16, "1bit": torch.float32}
-class _ShardedOptimizer(GradientExchange, MatrixSteps, Optimizer):
+class _ShardedOptimizer(Optimizer):
     _leo = False
 
     def __init__(self, params, defaults: dict[str, Any], *, process_group, grad_comm: str, update_comm: str,
                  bucket_mb: float, momentum_dtype, fused, sync_params: bool, grad_comm_warmup: int = 10):
-        if grad_comm not in _GRAD_COMMS:
-            raise ValueError(f"grad_comm must be one of {sorted(_GRAD_COMMS)}, got {grad_comm!r}")
+        if grad_comm not in ("fp32", "bf16", "1bit"):
+            raise ValueError(f"grad_comm must be one of ['1bit', 'bf16', 'fp32'], got {grad_comm!r}")
         if update_comm not in ("exact", "1bit"):
             raise ValueError(f"update_comm must be 'exact' or '1bit', got {update_comm!r}")
         if isinstance(grad_comm_warmup, bool) or not isinstance(grad_comm_warmup, int) or grad_comm_warmup < 0:
@@ -68,7 +70,6 @@ class _ShardedOptimizer(GradientExchange, MatrixSteps, Optimizer):
         check_hyperparameters(defaults)
         self._momentum_dtype = check_momentum_dtype(momentum_dtype)
         self.grad_comm, self.update_comm = grad_comm, update_comm
-        self._wire = _GRAD_COMMS[grad_comm]
         self.grad_comm_warmup = grad_comm_warmup
         self._steps_done = 0
         self._frozen = False
@@ -83,32 +84,30 @@ class _ShardedOptimizer(GradientExchange, MatrixSteps, Optimizer):
             raise ValueError(f"params must all be on one device, got {sorted(map(str, devices))}")
         self._device = flat[0].device
         self._comm = Comm(process_group)
-        self._fused = resolve_fused(fused, flat)
-
-        entries, index = [], 0
-        for group in self.param_groups:
-            rows = []
-            for p in group["params"]:
-                matrix = self._leo and group["orthogonalize"] and p.ndim == 2
-                rows.append((index, p, "matrix" if matrix else "sign"))
-                index += 1
-            entries.append(rows)
-        self._buckets: list[Bucket] = build_buckets(entries, self._comm.world, int(bucket_mb * 2**20))
-        self._where: dict[int, tuple[int, Slot]] = {}
-        for bi, b in enumerate(self._buckets):
-            for s in b.slots:
-                self._where[id(s.param)] = (bi, s)
+        self._backend = select_backend(fused, flat)
+        kinds = [[(p, "matrix" if self._leo and g["orthogonalize"] and p.ndim == 2 else "sign") for p in g["params"]]
+                 for g in self.param_groups]
+        self._layout = Layout(kinds, self._comm.world, self._comm.rank, int(bucket_mb * 2**20))
         with self._comm.stats.outside_step():
             self._check_same_layout_everywhere()
             if sync_params:
                 self._broadcast_params()
+        self._exchange = GradientExchange(self._layout, self._comm, grad_comm, self._device,
+                                          compressing=lambda: self._steps_done >= self.grad_comm_warmup)
+        self._signs = SignStep(self._comm, self._backend, self._leo)
+        self._matrices = MatrixStep(self._layout, self._comm, update_comm, self._device)
         self._init_state()
-        self._reset_exchange()
+        self._hook_scaler: Any = None
         self._hook_attached = False
-        self._hook_scaler = None
-        self._ddp_checked = False
+        self._consolidated: dict[str, Any] | None = None
+        self._guard = DDPGuard(flat) if self._comm.distributed else None
 
     # ----------------------------------------------------------------- layout and state
+    @property
+    def fused(self) -> bool:
+        """True when the local step runs the Triton kernels (chosen at construction from ``fused``)."""
+        return self._backend.name == "triton"
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_frozen", False):
             raise RuntimeError("sharded optimizers fix their bucket layout at construction; add_param_group "
@@ -145,55 +144,44 @@ class _ShardedOptimizer(GradientExchange, MatrixSteps, Optimizer):
         """Make every replica equal to rank 0's, as DDP does at construction."""
         if not self._comm.distributed:
             return
-        for b in self._buckets:
+        for b in self._layout.buckets:
             buf = torch.cat([s.param.detach().reshape(-1) for s in b.slots])
             self._comm.broadcast(buf, 0)
             for s in b.slots:
                 s.param.copy_(buf[s.offset : s.offset + s.numel].view_as(s.param))
 
     def _init_state(self) -> None:
-        rank = self._comm.rank
+        """One momentum shard per bucket; ``state[p]`` holds views of the parameter's part of it."""
         self._momentum: list[Tensor] = []
-        for b in self._buckets:
+        for bi, b in enumerate(self._layout.buckets):
             m = torch.zeros(b.shard, dtype=self._momentum_dtype, device=self._device)
             self._momentum.append(m)
-            lo, hi = b.shard_range(rank)
-            for s in b.slots:
-                a, e = s.owned(lo, hi)
-                base = s.offset + a - lo
-                self.state[s.param] = {"exp_avg": m[base : base + (e - a)], "shard_range": (a, e)}
-        # Leo's matrices: one entry per matrix in the shared norm buffer, and this rank's slices.
-        shapes, self._slices = [], {}
-        for bi, b in enumerate(self._buckets):
-            if b.kind != "matrix":
-                continue
-            lo, hi = b.shard_range(rank)
-            for s in b.slots:
-                r, c = s.param.shape
-                j = len(shapes)
-                shapes.append((r, c))
-                a, e = s.owned(lo, hi)
-                if a < e:
-                    self._slices.setdefault(bi, []).append((s, MatrixSlice(j, r, c, a, e)))
-        self._norm_layout = NormLayout(shapes)
-        self._matrix_numel = [r * c for r, c in shapes]
-        self._row_offsets = [sum(r for r, _ in shapes[:j]) for j in range(len(shapes))]
-        self._row_layout_size = sum(r for r, _ in shapes)
-        # every matrix of each bucket with its index in the layout (all ranks decode all of them)
-        self._all_matrix_slots: dict[int, list[tuple[Slot, int]]] = {}
-        j = 0
-        for bi, b in enumerate(self._buckets):
-            if b.kind == "matrix":
-                self._all_matrix_slots[bi] = [(s, j + k) for k, s in enumerate(b.slots)]
-                j += len(b.slots)
-        self._grad_error: dict[int, Tensor] = {}
-        self._update_error: dict[int, Tensor] = {}
-        if self.update_comm == "1bit":
-            for bi in self._all_matrix_slots:
-                e = self._update_error[bi] = torch.zeros(self._buckets[bi].shard, dtype=torch.float32,
-                                                         device=self._device)
-                for s, sl, x in self._slice_views(bi, e):
-                    self.state[s.param]["update_error"] = x
+            for s, owned, view in self._layout.shard_views(bi, m):
+                self.state[s.param] = {"exp_avg": view, "shard_range": owned}
+        for bi, e in self._matrices.update_error.items():
+            for s, _, x in self._layout.owned_views(bi, e):
+                self.state[s.param]["update_error"] = x
+
+    def _attach_hook(self, grad_scaler: Any) -> GradientExchange:
+        """Called by :func:`leo_dist.hooks.attach`: gradients now arrive through the DDP hook
+        (unscaled by it when ``grad_scaler`` is given). Returns the exchange the hook stages into."""
+        self._hook_attached = True
+        self._hook_scaler = grad_scaler
+        if self._guard is not None:
+            self._guard.disarm()
+        return self._exchange
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state this rank holds between steps, by kind: ``exp_avg`` (the
+        momentum shards, padding included), ``update_error`` and ``grad_error`` (1-bit modes)."""
+        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        return {"exp_avg": nbytes(self._momentum), "update_error": nbytes(self._matrices.update_error.values()),
+                "grad_error": nbytes(self._exchange.grad_error.values())}
+
+    @property
+    def layout(self) -> Layout:
+        """The bucket layout (read only): ``layout.buckets`` with their kind, dtype, sizes and slots."""
+        return self._layout
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
@@ -208,82 +196,62 @@ class _ShardedOptimizer(GradientExchange, MatrixSteps, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._ddp_checked:
-            self._ddp_checked = True
-            if not self._hook_attached and self._comm.distributed:
-                from .hooks import check_not_under_plain_ddp
-                check_not_under_plain_ddp(self)
-        shards = self._reduced_gradients()
-        if grad_scaler is not None and self._amp_unscale_and_check(grad_scaler, shards):
-            self._reset_exchange()
-            self._comm.stats.end_step()
-            return loss
-        matrix = [bi for bi, b in enumerate(self._buckets) if b.kind == "matrix"]
-        if matrix:
-            self._matrix_step(matrix, shards)
-        for bi, b in enumerate(self._buckets):
-            if b.kind == "sign":
-                self._sign_step(bi, b, shards[bi])
-        self._reset_exchange()
-        self._comm.stats.end_step()
-        self._steps_done += 1
+        if self._guard is not None:
+            self._guard.check()
+        shards = self._exchange.collect()
+        if grad_scaler is not None:
+            if self._hook_attached and self._hook_scaler is not grad_scaler:
+                raise RuntimeError("with a GradScaler and the DDP hook, pass the scaler to "
+                                   "leo_dist.hooks.attach(ddp_model, optimizer, grad_scaler=scaler)")
+            if amp.unscale_and_check(grad_scaler, self, shards, self._comm, unscaled_by_hook=self._hook_attached):
+                self._end_step(completed=False)
+                return loss
+        groups = self.param_groups
+        self._matrices.step(groups, shards, self._momentum)
+        for bi in self._layout.kind_buckets("sign"):
+            b = self._layout.buckets[bi]
+            self._signs.step(b, groups[b.group_index], shards[bi], self._momentum[bi])
+        self._end_step(completed=True)
         return loss
 
-    def _group(self, b: Bucket) -> dict[str, Any]:
-        return self.param_groups[b.group_index]
+    def _end_step(self, completed: bool) -> None:
+        self._steps_done += int(completed)
+        self._consolidated = None
+        self._exchange.reset()
+        self._comm.stats.end_step()
 
-    def _gather_signs(self, send: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor | None]:
-        """All-gather every rank's packed bits; and their zero bitmaps, only if some rank has zeros.
+    # GradScaler calls step() even when this rank saw an inf (see leo_dist.amp).
+    _step_supports_amp_scaling = True
 
-        ``send`` is uint8 ``[S/8 + 8]`` (bits, then the header whose byte 0 flags exact zeros),
-        ``zeros`` uint8 ``[S/8]``. Returns the bits of the whole bucket (``W·S/8`` bytes, rank
-        order) and the zero bitmap or None.
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
+        """Clip the averaged gradients (the ones the step will use) to a global norm.
+
+        Collective: every rank must call it, after backward and before :meth:`step`. Triggers the
+        gradient exchange if the DDP hook has not. Returns the total norm before clipping (as
+        ``torch.nn.utils.clip_grad_norm_`` does). Sends one float.
         """
-        nb = zeros.numel()
-        world = self._comm.world
-        gathered = torch.empty(world * (nb + HEADER_BYTES), dtype=torch.uint8, device=self._device)
-        self._comm.all_gather(gathered, send)
-        table = gathered.view(world, nb + HEADER_BYTES)
-        bits = table[:, :nb].reshape(-1)
-        zbits = None
-        if bool(table[:, nb].any()):
-            zbits = torch.empty(world * nb, dtype=torch.uint8, device=self._device)
-            self._comm.all_gather(zbits, zeros)
-        return bits, zbits
-
-    def _sign_step(self, bi: int, b: Bucket, grad: Tensor) -> None:
-        group = self._group(b)
-        beta1, beta2 = group["betas"]
-        nb = b.shard // 8
-        send = torch.zeros(nb + HEADER_BYTES, dtype=torch.uint8, device=self._device)
-        zeros = torch.empty(nb, dtype=torch.uint8, device=self._device)
-        backend = self._backend()
-        send[nb] = backend.sign_shard_step_(grad, self._momentum[bi], send[:nb], zeros,
-                                            b.valid_in_shard(self._comm.rank), beta1, beta2)
-        bits, zbits = self._gather_signs(send, zeros)
-        scale = group["align_const"] if self._leo else 1.0
-        lr, wd = group["lr"], group["weight_decay"]
-        for s in b.slots:
-            if s.numel == 0:
-                continue
-            z = None if zbits is None else bit_slice(zbits, s.offset, s.numel)
-            self._apply(s.param, lambda p: backend.apply_signs_(p, bit_slice(bits, s.offset, s.numel), z,
-                                                                lr, wd, scale))
-
-    @staticmethod
-    def _apply(param: Tensor, fn: Callable[[Tensor], None]) -> None:
-        if param.is_contiguous():
-            fn(param.data)
+        max_norm = float(max_norm)
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        norm_type = float(norm_type)
+        if not (norm_type == float("inf") or norm_type > 0):
+            raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
+        shards = self._exchange.collect()
+        if norm_type == float("inf"):
+            local = torch.stack([s.abs().max() if s.numel() else s.new_zeros(()) for s in shards]).max()
+            self._comm.all_reduce(local, dist.ReduceOp.MAX)
+            total = local
         else:
-            tmp = param.data.contiguous()
-            fn(tmp)
-            param.data.copy_(tmp)
-
-    def _backend(self):
-        if self._fused:
-            from . import kernels
-            return kernels
-        return local_step
+            local = torch.stack([s.abs().pow(norm_type).sum() for s in shards]).sum()
+            self._comm.all_reduce(local)
+            total = local.pow(1.0 / norm_type)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite")
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for s in shards:
+            s.mul_(coef)
+        return total
 
     # ----------------------------------------------------------------- introspection
     def comm_stats(self) -> dict:
@@ -323,18 +291,47 @@ class _ShardedOptimizer(GradientExchange, MatrixSteps, Optimizer):
         return bool((table == table[0]).all())
 
     # ----------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """The full, world-size independent state (collective: every rank must call it); see
-        :func:`leo_dist.checkpoint.sharded_state_dict`."""
-        from .checkpoint import sharded_state_dict
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """This rank's part of the state, for ``torch.distributed.checkpoint`` (every rank calls it,
+        then ``dcp.save``/``dcp.load``); see :mod:`leo_dist.checkpoint`."""
         with self._comm.stats.outside_step():
-            return sharded_state_dict(self)
+            return checkpoint.sharded_state_dict(self)
+
+    def load_sharded_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Finish resuming from a DCP checkpoint: call on every rank after ``dcp.load`` filled the
+        dict that :meth:`sharded_state_dict` returned (saved at any world size)."""
+        with self._comm.stats.outside_step():
+            checkpoint.load_sharded_state_dict(self, state_dict)
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collective: gather the full state onto group rank ``to``, whose next :meth:`state_dict`
+        returns it (until the next step). The other ranks hold at most one bucket at a time."""
+        with self._comm.stats.outside_step():
+            self._consolidated = checkpoint.consolidate(self, to)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full state, in the single-process ``Leo``/``Lion`` layout; never communicates.
+
+        In a world of one it is built directly. With more ranks it is available on rank ``to``
+        after :meth:`consolidate_state_dict`; otherwise this raises ``RuntimeError`` at once (it
+        does not wait for the other ranks). For training checkpoints use DCP with
+        :meth:`sharded_state_dict` on every rank: each rank writes only what it owns.
+        """
+        if not self._comm.distributed:
+            return checkpoint.full_state_dict(self)
+        if self._consolidated is not None:
+            return self._consolidated
+        raise RuntimeError(
+            f"{type(self).__name__}.state_dict() on rank {self._comm.rank}: the state is sharded across "
+            f"{self._comm.world} ranks and is not gathered here. Either save through "
+            "torch.distributed.checkpoint on every rank (dcp.save({'optim': opt.sharded_state_dict()}, "
+            "checkpoint_id=...), resumed with opt.load_sharded_state_dict), or call "
+            "opt.consolidate_state_dict(to=0) on every rank first and then opt.state_dict() on rank 0.")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state from :meth:`state_dict` (any world size) or from the single-process optimizer;
-        see :func:`leo_dist.checkpoint.load_sharded_state_dict`."""
-        from .checkpoint import load_sharded_state_dict
-        load_sharded_state_dict(self, state_dict)
+        """Load a full state (from :meth:`state_dict` at any world size, or from the single-process
+        optimizer) on every rank; no communication. See :func:`leo_dist.checkpoint.load_state_dict`."""
+        checkpoint.load_state_dict(self, state_dict)
 
 
 class ShardedLion(_ShardedOptimizer):

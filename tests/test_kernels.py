@@ -199,7 +199,7 @@ def test_optimizer_fused_matches_unfused(K, cls):
     for fused in (False, True):
         params = [torch.nn.Parameter(t.clone()) for t in init]
         opt = getattr(leo_dist, cls)(params, lr=0.01, weight_decay=0.1, fused=fused)
-        assert opt._fused is fused
+        assert opt.fused is fused
         for gs in grads:
             for p, g in zip(params, gs):
                 p.grad = g
@@ -216,7 +216,7 @@ def test_fused_true_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         leo_dist.Lion([torch.nn.Parameter(torch.zeros(3))], fused=True)
-    assert leo_dist.Lion([torch.nn.Parameter(torch.zeros(3))])._fused is False
+    assert leo_dist.Lion([torch.nn.Parameter(torch.zeros(3))]).fused is False
 
 
 def _sharded_run(rank, world, kind, fused, steps, bucket_mb):
@@ -224,7 +224,7 @@ def _sharded_run(rank, world, kind, fused, steps, bucket_mb):
     params = make_params()
     cls = leo_dist.ShardedLeo if kind == "leo" else leo_dist.ShardedLion
     opt = cls(groups_for(params, kind), bucket_mb=bucket_mb, fused=fused)
-    assert opt._fused is fused
+    assert opt.fused is fused
     for step in range(steps):
         for p in params:
             p.grad = local_grad(step, rank, p.shape, True)

@@ -65,8 +65,11 @@ def _train(rank, world, grad_comm, update_comm, weight_decay=0.01):
             p.grad = local_grad(step, rank, p.shape, False)
         opt.step()
         hashes.append(params_hash(params))
-    sd = opt.state_dict()
     stats = opt.comm_stats()["last_step"]
+    for to in range(world):  # every rank gets the full state, one after the other
+        opt.consolidate_state_dict(to)
+        if to == rank:
+            sd = opt.state_dict()
     return [p.detach().clone() for p in params], hashes, sd, stats
 
 

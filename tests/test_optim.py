@@ -1,4 +1,4 @@
-"""Single-process Lion and Leo against an independent float64 reference (SPEC §1 and §3).
+"""Single-process Lion and Leo against an independent float64 reference (docs/design.md, "The maths, once").
 
 The reference below is deliberately written without leo_dist.functional: plain float64 tensor
 ops, with the Leo norms taken by explicit loops over rows and columns, so that a mistake in the
@@ -30,7 +30,7 @@ def _norms_of_rows(c: torch.Tensor) -> torch.Tensor:
 
 
 def ref_direction(c: torch.Tensor, rule: str, align: float, eps: float) -> torch.Tensor:
-    """The update direction of SPEC §1 in float64 (``sign(0) = 0`` via torch.sign)."""
+    """The update direction of docs/design.md in float64 (``sign(0) = 0`` via torch.sign)."""
     if rule == "lion":
         return torch.sign(c)
     if rule == "sign":

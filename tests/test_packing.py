@@ -1,4 +1,4 @@
-"""1-bit packing (SPEC §2.3-2.4): layout, padding, exact zeros, round trips, input checks."""
+"""1-bit packing (docs/design.md, phase 3): layout, padding, exact zeros, round trips, input checks."""
 from __future__ import annotations
 
 import numpy as np

@@ -24,8 +24,8 @@ def _train(rank, world, kind, steps, dyadic, bucket_mb, grad_comm, dtype=torch.f
             p.grad = local_grad(step, rank, p.shape, dyadic).to(dtype)
         opt.step()
         hashes.append(params_hash(params))
-    momentum = sum(m.numel() for m in opt._momentum)
-    layout = [(b.kind, b.numel, b.padded, b.shard) for b in opt._buckets]
+    momentum = opt.state_bytes()["exp_avg"] // 4
+    layout = [(b.kind, b.numel, b.padded, b.shard) for b in opt.layout.buckets]
     return dict(params=[p.detach().clone() for p in params], hashes=hashes, momentum=momentum, layout=layout,
                 stats=opt.comm_stats(), replicas=opt.verify_replicas())
 
@@ -116,7 +116,8 @@ def _save(rank, world, kind, steps):
         for p in params:
             p.grad = local_grad(step, rank, p.shape, True)
         opt.step()
-    return opt.state_dict(), [p.detach().clone() for p in params]
+    opt.consolidate_state_dict(to=0)
+    return opt.state_dict() if rank == 0 else None, [p.detach().clone() for p in params]
 
 
 def _resume(rank, world, kind, sd, start_params, start, steps, first_world):
@@ -247,7 +248,7 @@ def _mixed_dtypes(rank, world):
         for p in params:
             p.grad = local_grad(step, rank, p.shape, True).to(p.dtype)
         opt.step()
-    kinds = {(b.kind, b.dtype) for b in opt._buckets}
+    kinds = {(b.kind, b.dtype) for b in opt.layout.buckets}
     return [p.detach().clone() for p in params], params_hash(params), sorted(map(str, kinds))
 
 

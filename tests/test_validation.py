@@ -1,4 +1,4 @@
-"""Bad input fails loudly with ValueError/TypeError naming the argument (SPEC §3, §5)."""
+"""Bad input fails loudly with ValueError/TypeError naming the argument (docs/usage.md)."""
 from __future__ import annotations
 
 import math
