@@ -3,10 +3,15 @@
 Sign paths (bits, zero bitmaps, momentum, sign-rule parameters) must be bitwise equal; Leo's 2-D
 parameters equal to float rounding. Sizes are chosen around the C code's boundaries: bytes (8),
 vector width (8 floats), thread chunks (64), and the 65536-element threading threshold.
+The C source itself must build clean with -Wall -Wextra -Werror, and the cache must key builds by
+source, flags and compiler.
 """
 from __future__ import annotations
 
+import os
+import platform
 import shutil
+import subprocess
 import warnings
 
 import pytest
@@ -32,6 +37,37 @@ def test_builds():
     assert cpu_step.available(), cpu_step.build_info()
     info = cpu_step.build_info()
     assert "path" in info and "error" not in info
+
+
+@pytest.mark.parametrize("fma", [False, True])
+def test_c_source_compiles_without_warnings(fma, tmp_path):
+    """The packaged C source, with the compiler and flags cpu_step builds it with, plus -Wall -Wextra -Werror."""
+    assert os.path.isfile(cpu_step.SOURCE), cpu_step.SOURCE
+    if fma and platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"the FMA build adds -mavx2 -mfma, which target x86-64, not {platform.machine()}")
+    try:
+        cc = cpu_step._compiler()
+    except RuntimeError as exc:
+        pytest.skip(f"no C compiler: {exc}")
+    cmd = [cc, *cpu_step._flags(fma), "-Wall", "-Wextra", "-Werror", cpu_step.SOURCE, "-o", str(tmp_path / "t.so"),
+           "-lm"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
+
+
+def test_cache_name_hashes_source_flags_and_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("LEO_DIST_CACHE_DIR", str(tmp_path))
+    cc = cpu_step._compiler()
+    base = cpu_step._library_path("int f(void);", cc, ["-O3"])
+    assert os.path.dirname(base) == str(tmp_path)
+    assert cpu_step._library_path("int f(void);", cc, ["-O3"]) == base
+    assert cpu_step._library_path("int g(void);", cc, ["-O3"]) != base
+    assert cpu_step._library_path("int f(void);", cc, ["-O2"]) != base
+    # another compiler: same program, other executable name (its --version text is hashed too)
+    fake = tmp_path / "fake-cc"
+    fake.write_text("#!/bin/sh\necho fake-cc 1.0\n")
+    fake.chmod(0o755)
+    assert cpu_step._library_path("int f(void);", str(fake), ["-O3"]) != base
 
 
 @pytest.mark.parametrize("pdt,gdt,mdt", [(torch.float32,) * 3, (torch.bfloat16,) * 3,
