@@ -21,7 +21,7 @@ zero bitmaps, momentum and sign-rule parameters equal the torch path bit for bit
 agree to float rounding (summation order of the norms).
 
 No autotuning: every kernel writes its inputs in place, and an autotuner re-running it would apply
-the step several times (SPEC §5). Block sizes are fixed, chosen so that loads vectorise to 128-bit
+the step several times. Block sizes are fixed, chosen so that loads vectorise to 128-bit
 (``ld.global.v4``) when the pointers and sizes are 16-element aligned, which Triton's integer
 specialisation detects on its own.
 """
@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import functional as F
-from .cpu_step import check_apply_args, check_shard_args
+from .cpu_step import check_apply_args, check_shard_args, decay_args
 
 __all__ = [
     "lion_step", "leo_step", "sign_shard_step_", "apply_signs_",
@@ -251,10 +251,6 @@ def _check_dtype(*tensors: Tensor) -> None:
             raise ValueError("the Triton kernels need contiguous tensors")
 
 
-def _decay(lr: float, weight_decay: float) -> tuple[bool, float]:
-    return (True, 1.0 - lr * weight_decay) if weight_decay != 0.0 else (False, 1.0)
-
-
 def lion_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], *,
               lr: float, beta1: float, beta2: float, weight_decay: float, sign_scale: float = 1.0) -> None:
     """Fused :func:`leo_dist.functional.lion_update`: one kernel launch per tensor, in place.
@@ -264,7 +260,7 @@ def lion_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     if not (len(params) == len(grads) == len(exp_avgs)):
         raise ValueError("params, grads and exp_avgs must have the same length")
     k = _consts(beta1, beta2)
-    use_decay, decay = _decay(lr, weight_decay)
+    use_decay, decay = decay_args(lr, weight_decay)
     for p, g, m in zip(params, grads, exp_avgs):
         _check_dtype(p, g, m)
         n = p.numel()
@@ -297,7 +293,7 @@ def apply_signs_(param: Tensor, bits: Tensor, zeros: Tensor | None, lr: float, w
     n = param.numel()
     if n == 0:
         return
-    use_decay, decay = _decay(lr, weight_decay)
+    use_decay, decay = decay_args(lr, weight_decay)
     bytes_per_prog = BLOCK // 8
     _apply_signs_kernel[(triton.cdiv(triton.cdiv(n, 8), bytes_per_prog),)](
         param, bits, zeros if zeros is not None else bits, n, decay, -lr * scale,
@@ -379,7 +375,7 @@ def leo2d_update_(grad: Tensor, exp_avg: Tensor, start: int, end: int, n_cols: i
     r0, r1 = _rows(start, end, n_cols)
     if not isinstance(scale, Tensor):
         scale = torch.tensor(scale, dtype=torch.float32, device=grad.device)
-    use_decay, decay = _decay(lr, weight_decay)
+    use_decay, decay = decay_args(lr, weight_decay)
     _leo2d_update_kernel[_grid2d(r0, r1, n_cols)](
         grad, exp_avg, row_norm_eps.float().contiguous(), col_norm_eps.float().contiguous(),
         scale.float().reshape(1), target, start, end, n_cols, r0, r1,

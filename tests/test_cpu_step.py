@@ -2,30 +2,28 @@
 
 Sign paths (bits, zero bitmaps, momentum, sign-rule parameters) must be bitwise equal; Leo's 2-D
 parameters equal to float rounding. Sizes are chosen around the C code's boundaries: bytes (8),
-vector width (8 floats), thread chunks (64), and the 65536-element threading threshold.
+vector width (8 floats), thread chunks (64), and the 65536-element threading threshold
+(tests/shapes.py holds the tables shared with the Triton tests). The C source itself must build
+clean with -Wall -Wextra -Werror, and the cache must key builds by source, flags and compiler.
 """
 from __future__ import annotations
 
+import os
+import platform
 import shutil
+import subprocess
 import warnings
 
 import pytest
 import torch
+from shapes import (C_SIZES, DTYPE_MIXES, DTYPES, LEO_SHAPES, LEO_SHAPES_LARGE, LION_HYPERS, OPTIMIZER_SHAPES,
+                    leo_inputs, lion_inputs, rand_with_zeros, random_signs)
 
 from leo_dist import Leo, Lion, cpu_step, local_step
 from leo_dist import functional as F
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler on this machine: the fast CPU path falls back to torch")
-
-SIZES = [1, 7, 8, 13, 64, 1000, 65536 + 77, 200_003]
-DTYPES = [torch.float32, torch.bfloat16]
-
-
-def _rand(n, dtype, gen, zero_every=5):
-    x = torch.randn(n, generator=gen)
-    x[::zero_every] = 0  # with zero momentum too, c is exactly 0 there: sign(0) = 0 must hold
-    return x.to(dtype)
 
 
 def test_builds():
@@ -34,15 +32,41 @@ def test_builds():
     assert "path" in info and "error" not in info
 
 
-@pytest.mark.parametrize("pdt,gdt,mdt", [(torch.float32,) * 3, (torch.bfloat16,) * 3,
-                                         (torch.bfloat16, torch.bfloat16, torch.float32),
-                                         (torch.float32, torch.bfloat16, torch.float32)])
-@pytest.mark.parametrize("wd,beta1", [(0.0, 0.9), (0.1, 0.9), (0.1, 0.3)])
+@pytest.mark.parametrize("fma", [False, True])
+def test_c_source_compiles_without_warnings(fma, tmp_path):
+    """The packaged C source, with the compiler and flags cpu_step builds it with, plus -Wall -Wextra -Werror."""
+    assert os.path.isfile(cpu_step.SOURCE), cpu_step.SOURCE
+    if fma and platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"the FMA build adds -mavx2 -mfma, which target x86-64, not {platform.machine()}")
+    try:
+        cc = cpu_step._compiler()
+    except RuntimeError as exc:
+        pytest.skip(f"no C compiler: {exc}")
+    cmd = [cc, *cpu_step._flags(fma), "-Wall", "-Wextra", "-Werror", cpu_step.SOURCE, "-o", str(tmp_path / "t.so"),
+           "-lm"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
+
+
+def test_cache_name_hashes_source_flags_and_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("LEO_DIST_CACHE_DIR", str(tmp_path))
+    cc = cpu_step._compiler()
+    base = cpu_step._library_path("int f(void);", cc, ["-O3"])
+    assert os.path.dirname(base) == str(tmp_path)
+    assert cpu_step._library_path("int f(void);", cc, ["-O3"]) == base
+    assert cpu_step._library_path("int g(void);", cc, ["-O3"]) != base
+    assert cpu_step._library_path("int f(void);", cc, ["-O2"]) != base
+    # another compiler: same program, other executable name (its --version text is hashed too)
+    fake = tmp_path / "fake-cc"
+    fake.write_text("#!/bin/sh\necho fake-cc 1.0\n")
+    fake.chmod(0o755)
+    assert cpu_step._library_path("int f(void);", str(fake), ["-O3"]) != base
+
+
+@pytest.mark.parametrize("pdt,gdt,mdt", DTYPE_MIXES)
+@pytest.mark.parametrize("wd,beta1", LION_HYPERS)
 def test_lion_step_bitwise(pdt, gdt, mdt, wd, beta1):
-    gen = torch.Generator().manual_seed(1)
-    params = [torch.randn(n, generator=gen).to(pdt) for n in SIZES]
-    grads = [_rand(n, gdt, gen) for n in SIZES]
-    moms = [_rand(n, mdt, gen) for n in SIZES]
+    params, grads, moms = lion_inputs(C_SIZES, pdt, gdt, mdt, seed=1)
     ref_p, ref_m = [p.clone() for p in params], [m.clone() for m in moms]
     kw = dict(lr=0.01, beta1=beta1, beta2=0.99, weight_decay=wd, sign_scale=0.7)
     for _ in range(3):
@@ -54,11 +78,7 @@ def test_lion_step_bitwise(pdt, gdt, mdt, wd, beta1):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_leo_step_matches_functional(dtype):
-    gen = torch.Generator().manual_seed(2)
-    shapes = [(3, 5), (37, 129), (300, 301), (1, 1000), (1000, 1), (17,), (2, 3, 4)]
-    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    moms = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    params, grads, moms = leo_inputs(LEO_SHAPES + LEO_SHAPES_LARGE, dtype, seed=2)
     ref_p, ref_m = [p.clone() for p in params], [m.clone() for m in moms]
     kw = dict(lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.1, align_const=0.2, eps=1e-8)
     for _ in range(3):
@@ -75,11 +95,11 @@ def test_leo_step_matches_functional(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("n", C_SIZES)
 def test_sign_shard_bitwise(dtype, n):
     gen = torch.Generator().manual_seed(n)
     S = (n + 7) // 8 * 8 + 8  # padding past n_valid, as a bucket's last shard has
-    g, m = _rand(S, dtype, gen, 3), _rand(S, dtype, gen, 3)
+    g, m = rand_with_zeros(S, dtype, gen, 3), rand_with_zeros(S, dtype, gen, 3)
     m2 = m.clone()
     bits = [torch.full((S // 8,), 0xAA, dtype=torch.uint8) for _ in range(4)]
     f1 = local_step._sign_shard_step_torch(g, m, bits[0], bits[1], n, 0.9, 0.99)
@@ -96,14 +116,11 @@ def test_sign_shard_no_zero_flag():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("n", C_SIZES)
 @pytest.mark.parametrize("with_zeros", [False, True])
 def test_apply_signs_bitwise(dtype, n, with_zeros):
     gen = torch.Generator().manual_seed(n + 1)
-    nb = (n + 7) // 8
-    bits = torch.randint(0, 256, (nb,), dtype=torch.uint8, generator=gen)
-    zeros = torch.randint(0, 256, (nb,), dtype=torch.uint8, generator=gen) & torch.randint(
-        0, 256, (nb,), dtype=torch.uint8, generator=gen) if with_zeros else None
+    bits, zeros = random_signs(n, with_zeros, gen)
     p = torch.randn(n, generator=gen).to(dtype)
     ref = p.clone()
     local_step._apply_signs_torch(ref, bits, zeros, 0.01, 0.1, 0.2)
@@ -127,7 +144,7 @@ def test_local_step_dispatches_to_c(monkeypatch):
 @pytest.mark.parametrize("cls", [Lion, Leo])
 def test_optimizer_cpu_path_matches_functional(cls):
     gen = torch.Generator().manual_seed(3)
-    shapes = [(33, 65), (129,), (4, 4, 4)]
+    shapes = OPTIMIZER_SHAPES
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     ref = [p.detach().clone() for p in params]
     ref_m = [torch.zeros_like(p) for p in ref]

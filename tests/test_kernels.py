@@ -4,6 +4,7 @@
   sign-rule parameters bitwise equal to the torch reference; Leo 2-D parameters ≤1e-6 relative.
   Sizes straddle the block (2048 elements, 256 bytes), the 2-D tile (16×128, 128 rows a program)
   and byte boundaries, and stay small: the interpreter runs a program per Python loop iteration.
+  The tables are in tests/shapes.py, shared with the C back end's tests.
 * AOT tests: every kernel compiles for sm_80 and sm_90 with no GPU (Triton ships ``ptxas``), and
   the PTX loads the element streams with 128-bit vector loads.
 
@@ -20,6 +21,8 @@ import sys
 
 import pytest
 import torch
+from shapes import (DTYPES, LEO_SHAPES, LION_HYPERS, OPTIMIZER_SHAPES, TRITON_BLOCK, TRITON_SHARDS, TRITON_SIZES,
+                    leo_inputs, lion_inputs, rand_with_zeros, random_signs)
 
 # Triton wraps its own library functions (tl.sum, tl.max) for the interpreter when it is first
 # imported, so the variable must be set before that import. It is removed right after, so that the
@@ -38,8 +41,6 @@ import leo_dist  # noqa: E402
 from leo_dist import functional as F  # noqa: E402
 from leo_dist import local_step  # noqa: E402
 
-BLOCK = 2048
-DTYPES = [torch.float32, torch.bfloat16]
 
 
 @pytest.fixture(scope="module")
@@ -72,23 +73,17 @@ def K(_interpreted_kernels, monkeypatch):
     return _interpreted_kernels
 
 
-def _rand(n, dtype, gen, zero_every=5):
-    x = torch.randn(n, generator=gen)
-    x[::zero_every] = 0
-    return x.to(dtype)
-
-
 # ----------------------------------------------------------------------------- interpreter
 
 
+def test_size_tables_straddle_the_kernels_block(K):
+    assert K.BLOCK == TRITON_BLOCK  # tests/shapes.py's sizes are chosen around it
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("wd,beta1", [(0.0, 0.9), (0.1, 0.3)])
+@pytest.mark.parametrize("wd,beta1", LION_HYPERS)
 def test_lion_step_bitwise(K, dtype, wd, beta1):
-    gen = torch.Generator().manual_seed(0)
-    sizes = [1, 13, BLOCK + 5]
-    params = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
-    grads = [_rand(n, dtype, gen) for n in sizes]
-    moms = [_rand(n, dtype, gen) for n in sizes]
+    params, grads, moms = lion_inputs(TRITON_SIZES, dtype, dtype, dtype, seed=0)
     ref_p, ref_m = [p.clone() for p in params], [m.clone() for m in moms]
     kw = dict(lr=0.01, beta1=beta1, beta2=0.99, weight_decay=wd, sign_scale=0.5)
     for _ in range(2):
@@ -99,10 +94,10 @@ def test_lion_step_bitwise(K, dtype, wd, beta1):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_valid,S", [(5, 8), (13, 24), (BLOCK + 3, BLOCK + 16)])
+@pytest.mark.parametrize("n_valid,S", TRITON_SHARDS)
 def test_sign_shard_bitwise(K, dtype, n_valid, S):
     gen = torch.Generator().manual_seed(S)
-    g, m = _rand(S, dtype, gen, 3), _rand(S, dtype, gen, 3)
+    g, m = rand_with_zeros(S, dtype, gen, 3), rand_with_zeros(S, dtype, gen, 3)
     m2 = m.clone()
     b = [torch.full((S // 8,), 0x55, dtype=torch.uint8) for _ in range(4)]
     f1 = local_step._sign_shard_step_torch(g, m, b[0], b[1], n_valid, 0.9, 0.99)
@@ -119,13 +114,11 @@ def test_sign_shard_flag_clear(K):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 13, BLOCK + 3])
+@pytest.mark.parametrize("n", TRITON_SIZES)
 @pytest.mark.parametrize("with_zeros", [False, True])
 def test_apply_signs_bitwise(K, dtype, n, with_zeros):
     gen = torch.Generator().manual_seed(n)
-    nb = (n + 7) // 8
-    bits = torch.randint(0, 256, (nb,), dtype=torch.uint8, generator=gen)
-    zeros = (torch.randint(0, 256, (nb,), dtype=torch.uint8, generator=gen) if with_zeros else None)
+    bits, zeros = random_signs(n, with_zeros, gen)
     p = torch.randn(n, generator=gen).to(dtype)
     ref = p.clone()
     local_step._apply_signs_torch(ref, bits, zeros, 0.01, 0.1, 0.2)
@@ -135,12 +128,7 @@ def test_apply_signs_bitwise(K, dtype, n, with_zeros):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_leo_step_matches_functional(K, dtype):
-    gen = torch.Generator().manual_seed(1)
-    # (17, 130): two column tiles; (131, 3): two row programs; (13,): the sign rule
-    shapes = [(3, 5), (17, 130), (131, 3), (13,)]
-    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    moms = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    params, grads, moms = leo_inputs(LEO_SHAPES, dtype, seed=1)
     ref_p, ref_m = [p.clone() for p in params], [m.clone() for m in moms]
     kw = dict(lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.1, align_const=0.2, eps=1e-8)
     F.leo_update(ref_p, grads, ref_m, **kw)
@@ -192,7 +180,7 @@ def test_leo2d_slices_match_whole_matrix(K, cuts):
 @pytest.mark.parametrize("cls", ["Lion", "Leo"])
 def test_optimizer_fused_matches_unfused(K, cls):
     gen = torch.Generator().manual_seed(3)
-    shapes = [(9, 20), (33,), (2, 3, 4)]
+    shapes = OPTIMIZER_SHAPES
     init = [torch.randn(s, generator=gen) for s in shapes]
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
     out = []
