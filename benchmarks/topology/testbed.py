@@ -40,7 +40,7 @@ if SLOW_LINK not in sys.path:
 import netns  # noqa: E402  (benchmarks/slow_link/netns.py)
 
 __all__ = ["Node", "Plan", "plan", "parse_proc_net_dev", "Snapshot", "Traffic", "Testbed", "can_create",
-           "DEFAULT_SUBNET", "RDZV_PORT", "hosts_file", "snapshot", "nodes_to_env", "nodes_from_env"]
+           "DEFAULT_SUBNET", "RDZV_PORT", "hosts_file", "snapshot", "netem_available", "run_on_nodes", "nodes_to_env", "nodes_from_env"]
 
 DEFAULT_SUBNET = "10.213.0.0/30"
 RDZV_PORT = 29400
@@ -201,6 +201,48 @@ def can_create() -> str | None:
         return f"`ip netns add` fails here: {res.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
+
+
+def netem_available() -> bool:
+    """Whether this kernel has the netem qdisc (link delay); probed in a throwaway namespace."""
+    probe = f"leo_topo_netem_{os.getpid()}"
+    with netns.Namespace(probe):
+        res = netns._run(["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"], probe, check=False)
+    return res.returncode == 0
+
+
+def run_on_nodes(tb: "Testbed", argv: list[list[str]], env: list[dict[str, str]], logs: list[str],
+                 timeout: float) -> list[int | None]:
+    """Start ``argv[i]`` inside node i (all at once, each in its own session), its output to
+    ``logs[i]``; wait for all with one deadline. Returns each exit code, None for one still running
+    at the deadline, which is killed with its whole process group (its own children only)."""
+    import signal
+    import time
+    procs = []
+    try:
+        for i, (cmd, extra, log) in enumerate(zip(argv, env, logs)):
+            with open(log, "w") as f:
+                procs.append(subprocess.Popen(tb.exec_prefix(i) + cmd, env={**os.environ, **extra}, stdout=f,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        codes: list[int | None] = []
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+        return codes
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
 
 
 def _run(cmd: list[str], ns: str | None = None) -> str:
