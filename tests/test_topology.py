@@ -80,3 +80,68 @@ def test_nodes_round_trip_through_env_and_hosts_file():
     hosts = testbed.hosts_file("127.0.0.1 localhost\n", nodes)
     assert hosts.startswith("127.0.0.1 localhost\n")
     assert "10.9.8.1 leo-topo-42-n0\n" in hosts and "10.9.8.2 leo-topo-42-n1\n" in hosts
+
+
+def test_retrans_and_drops_travel_with_the_snapshots():
+    snmp = "Tcp: RtoAlgorithm RtoMin RetransSegs InErrs\nTcp: 1 200 17 0\nUdp: InDatagrams\nUdp: 3\n"
+    assert testbed.parse_tcp_retrans(snmp) == 17
+    assert testbed.parse_tcp_retrans("Ip: 1\n") == 0
+    a = testbed.Snapshot((1, 2), (3, 4), (10, 20), (0, 1))
+    b = testbed.Snapshot((5, 7), (3, 9), (12, 25), (0, 4))
+    t = b - a
+    assert (t.tcp_retrans, t.qdisc_drops) == (7, 3)
+    assert t.per_step(1)["tcp_retrans"] == 7
+    assert testbed.Snapshot.from_json(b.to_json()) == b
+
+
+def _driver():
+    import importlib.util
+    path = os.path.join(os.path.dirname(testbed.__file__), "run.py")
+    spec = importlib.util.spec_from_file_location("topology_run", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_driver_arguments_and_configuration_names():
+    run = _driver()
+    args = run.parse_args([])
+    assert [c.name for c in args.chosen] == list(run.topo_configs.DEFAULT)
+    assert args.rates == [100e6, 1e9] and args.delay_ms == 1.0 and args.nproc_per_node == 2
+    for name in ("ddp_adamw", "ddp_lion_fp16", "ddp_powersgd_lion", "leo_lion_fp32_ddp", "leo_lion_bf16_ddp",
+                 "leo_lion_1bit_ddp", "leo_leo_bf16"):
+        assert name in run.topo_configs.DEFAULT
+    with pytest.raises(SystemExit):
+        run.parse_args(["--steps", "5"])  # too short for the windows
+    with pytest.raises(KeyError, match="unknown configuration"):
+        run.parse_args(["--configs", "nope"])
+    # A later (topology-aware) configuration joins by name once registered.
+    cfgs = run.topo_configs.configs
+    if "test_topo_hier" not in cfgs.REGISTRY:
+        cfgs.register(cfgs.Config("test_topo_hier", "test", "lion", "lion", build=None,
+                                  cost=cfgs.cost_leo_lion_bf16, default=False))
+    assert [c.name for c in run.parse_args(["--configs", "ddp_adamw,test_topo_hier"]).chosen] == \
+        ["ddp_adamw", "test_topo_hier"]
+
+
+def test_driver_commands_rows_and_table():
+    run = _driver()
+    tb = testbed.Testbed(testbed.plan(tag=3))  # not entered: only its plan is used
+    args = run.parse_args(["--rates", "100mbit", "--steps", "20"])
+    script = run.worker_args("ddp_adamw", args, "/tmp/x.json")
+    argv = run.torchrun_argv(tb, 1, 2, "rid", 29411, script)
+    assert argv[argv.index("--rdzv-endpoint") + 1] == "10.213.0.1:29411"
+    assert "is_host=0" in argv and argv[argv.index("--local-addr") + 1] == "10.213.0.2"
+    assert "is_host=1" in run.torchrun_argv(tb, 0, 2, "rid", 29411, script)
+    assert script[script.index("--windows") + 1] == "100mbit:5"
+    topo = testbed.Traffic((3000, 1000), (500, 700), 2, 0).per_step(2)
+
+    def rec(name, step_s):
+        return dict(config=name, world=4, nproc_per_node=2, link_delay_ms=0.0, model_bytes_per_rank=1.0,
+                    evals=[(0, 4.0), (20, 3.0)], n_params=10,
+                    windows=[dict(rate_bps=100e6, steps=2, step_s=[step_s, step_s * 3, step_s], topology=topo)])
+    rows = run.rows_from([rec("ddp_adamw", 1.0), rec("leo_lion_bf16_ddp", 0.5)])
+    assert rows[0]["cross_node_bytes_per_step"] == 2000 and rows[0]["intra_node_bytes_per_step"] == [250, 350]
+    assert rows[1]["speedup_vs_ddp"] == 2.0 and rows[1]["cross_vs_ddp"] == 1.0
+    text = run.table(rows)
+    assert "| leo_lion_bf16_ddp | 100mbit | 0.500 | 0.002 | 0.001 (0.000 + 0.000) | 1.000 | 2.00 | 3.000 | 2 |" in text

@@ -40,7 +40,7 @@ if SLOW_LINK not in sys.path:
 import netns  # noqa: E402  (benchmarks/slow_link/netns.py)
 
 __all__ = ["Node", "Plan", "plan", "parse_proc_net_dev", "Snapshot", "Traffic", "Testbed", "can_create",
-           "DEFAULT_SUBNET", "RDZV_PORT", "hosts_file", "snapshot", "netem_available", "run_on_nodes", "nodes_to_env", "nodes_from_env"]
+           "DEFAULT_SUBNET", "RDZV_PORT", "hosts_file", "snapshot", "parse_tcp_retrans", "netem_available", "run_on_nodes", "nodes_to_env", "nodes_from_env"]
 
 DEFAULT_SUBNET = "10.213.0.0/30"
 RDZV_PORT = 29400
@@ -135,31 +135,36 @@ def parse_proc_net_dev(text: str) -> dict[str, dict[str, int]]:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """tx byte counters at one moment: each node's veth end, and each node's ``lo``."""
+    """tx byte counters at one moment: each node's veth end, and each node's ``lo``; with each
+    node's TCP retransmissions and the drops of its veth's qdiscs (both 0 when not read)."""
     veth_tx: tuple[int, ...]
     lo_tx: tuple[int, ...]
+    tcp_retrans: tuple[int, ...] = ()
+    qdisc_drops: tuple[int, ...] = ()
 
     @classmethod
-    def from_proc(cls, texts: list[str], nodes: tuple[Node, ...]) -> "Snapshot":
+    def from_proc(cls, texts: list[str], nodes: tuple[Node, ...], tcp_retrans: tuple[int, ...] = (),
+                  qdisc_drops: tuple[int, ...] = ()) -> "Snapshot":
         parsed = [parse_proc_net_dev(t) for t in texts]
         missing = [f"{n.netns}:{dev}" for n, p in zip(nodes, parsed) for dev in (n.veth, "lo") if dev not in p]
         if missing:
             raise RuntimeError(f"interfaces missing from /proc/net/dev: {missing}")
         return cls(tuple(p[n.veth]["tx_bytes"] for n, p in zip(nodes, parsed)),
-                   tuple(p["lo"]["tx_bytes"] for p in parsed))
+                   tuple(p["lo"]["tx_bytes"] for p in parsed), tuple(tcp_retrans), tuple(qdisc_drops))
 
     def __sub__(self, before: "Snapshot") -> "Traffic":
         if len(self.veth_tx) != len(before.veth_tx):
             raise ValueError("snapshots of different testbeds")
-        return Traffic(tuple(a - b for a, b in zip(self.veth_tx, before.veth_tx)),
-                       tuple(a - b for a, b in zip(self.lo_tx, before.lo_tx)))
+        diff = lambda a, b: tuple(x - y for x, y in zip(a, b))  # noqa: E731
+        return Traffic(diff(self.veth_tx, before.veth_tx), diff(self.lo_tx, before.lo_tx),
+                       sum(diff(self.tcp_retrans, before.tcp_retrans)), sum(diff(self.qdisc_drops, before.qdisc_drops)))
 
     def to_json(self) -> dict:
-        return dict(veth_tx=list(self.veth_tx), lo_tx=list(self.lo_tx))
+        return {k: list(v) for k, v in vars(self).items()}
 
     @classmethod
     def from_json(cls, d: dict) -> "Snapshot":
-        return cls(tuple(d["veth_tx"]), tuple(d["lo_tx"]))
+        return cls(**{k: tuple(v) for k, v in d.items()})
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,8 @@ class Traffic:
     """Bytes between two snapshots: per veth end (direction node i -> other) and per node's ``lo``."""
     veth_tx: tuple[int, ...]
     lo_tx: tuple[int, ...]
+    tcp_retrans: int = 0
+    qdisc_drops: int = 0
 
     @property
     def cross_node_bytes(self) -> int:
@@ -184,7 +191,8 @@ class Traffic:
         return dict(cross_node_bytes=self.cross_node_bytes / steps,
                     intra_node_bytes=[b / steps for b in self.lo_tx],
                     intra_node_bytes_total=sum(self.lo_tx) / steps,
-                    veth_tx_bytes=[b / steps for b in self.veth_tx])
+                    veth_tx_bytes=[b / steps for b in self.veth_tx], tcp_retrans=self.tcp_retrans,
+                    qdisc_drops=self.qdisc_drops)
 
 
 def can_create() -> str | None:
@@ -341,9 +349,20 @@ class Testbed:
         return snapshot(self.nodes)
 
 
+def parse_tcp_retrans(snmp: str) -> int:
+    """``RetransSegs`` from the text of ``/proc/net/snmp`` (0 when absent)."""
+    rows = [line.split() for line in snmp.splitlines() if line.startswith("Tcp:")]
+    return int(rows[1][rows[0].index("RetransSegs")]) if len(rows) == 2 and "RetransSegs" in rows[0] else 0
+
+
 def snapshot(nodes: tuple[Node, ...]) -> Snapshot:
-    """The tx counters of every node (works from any namespace, as root)."""
-    return Snapshot.from_proc([_run(["cat", "/proc/net/dev"], n.netns) for n in nodes], nodes)
+    """The counters of every node (works from any namespace, as root)."""
+    import re
+    texts = [_run(["cat", "/proc/net/dev"], n.netns) for n in nodes]
+    retrans = tuple(parse_tcp_retrans(_run(["cat", "/proc/net/snmp"], n.netns)) for n in nodes)
+    drops = tuple(sum(int(x) for x in re.findall(r"dropped (\d+)", _run(["tc", "-s", "qdisc", "show", "dev", n.veth],
+                                                                        n.netns))) for n in nodes)
+    return Snapshot.from_proc(texts, nodes, retrans, drops)
 
 
 def nodes_to_env(nodes: tuple[Node, ...]) -> str:
