@@ -195,6 +195,14 @@ def merge(old: list[Result], new: list[Result]) -> list[Result]:
                                                   order.index(r.config) if r.config in order else 99))
 
 
+def thin(samples: list, points: int = 400) -> list:
+    """At most ``points`` of a (t, bytes) timeline, keeping each bin's largest sample (peaks survive)."""
+    if len(samples) <= points:
+        return list(samples)
+    step = len(samples) / points
+    return [max(samples[int(i * step): int((i + 1) * step)], key=lambda s: s[1]) for i in range(points)]
+
+
 def load(path: str) -> list[Result]:
     if not os.path.exists(path):
         return []
@@ -208,6 +216,8 @@ def save(path: str, results: list[Result], meta: dict) -> None:
     rows = []
     for r in results:
         d = r.__dict__.copy()
+        if r.breakdown:
+            d["breakdown"] = [dict(b, timeline=thin(b.get("timeline", []))) for b in r.breakdown]
         d["peak_units_4N"] = round(r.peak_units, 4)
         d["momentum_units_4N"] = round(r.momentum_units, 4)
         d["ratio_to_ddp_lion"] = None if rat[r.key()] is None else round(rat[r.key()], 4)

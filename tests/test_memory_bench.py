@@ -94,3 +94,10 @@ def test_attribute_allocations_groups_by_call_site():
     rows = M.attribute_allocations(evs)
     assert rows == [{"op": "aten::cat", "calls": 2, "bytes": 1024,
                      "stack": ["leo_dist/exchange.py:41 _stage", "leo_dist/sharded.py:199 step"]}]
+
+
+def test_thin_keeps_peaks():
+    samples = [(i, i % 7) for i in range(10_000)] + [(10_000, 99)]
+    out = M.thin(samples, 100)
+    assert len(out) == 100 and max(b for _, b in out) == 99
+    assert M.thin(samples[:5], 100) == samples[:5]
