@@ -89,7 +89,7 @@ def log_header(rep: Reporter, run: Run) -> None:
             f"sent per rank per step (W={d.world}, N={run.n_params}); "
             + bytes_source)
     if args.optimizer == "sharded_leo" and args.update_comm == "exact" and d.world > 1:
-        rep.log("note: with --update-comm exact, Leo's 2-D updates travel in fp32 (bit-exact Leo, SPEC §2), so "
+        rep.log("note: with --update-comm exact, Leo's 2-D updates travel in fp32 (bit-exact Leo, docs/design.md), so "
                 "matrices cost as much as in ZeRO; only the sign parameters travel as 1 bit. --update-comm 1bit "
                 "sends them as signs + scales; sharded_lion sends 1 bit for every parameter")
 

@@ -20,10 +20,9 @@ This file is the entry point; the demo lives in launch/, one concern a module:
 Determinism and resume: the batch of step ``s`` on rank ``r`` is drawn from a generator seeded by
 ``(seed, r, s)``, and the global torch RNG is reseeded from the same triple before every step, so
 no RNG state needs to be checkpointed: a run resumed at step ``s`` sees exactly the data and
-randomness an uninterrupted run sees at ``s``. Checkpoints are single files written by rank 0
-with ``torch.save`` (tmp file + ``os.replace``) and read on every rank with
-``torch.load(weights_only=True)``; multi-node resume therefore needs the checkpoint directory on a
-filesystem every node can read.
+randomness an uninterrupted run sees at ``s``. Checkpoints are ``torch.distributed.checkpoint``
+directories that every rank writes its own shard into (see ``ckpt.py``); multi-node resume
+therefore needs the checkpoint directory on a filesystem every node can read.
 """
 from __future__ import annotations
 

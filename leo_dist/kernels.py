@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import functional as F
+from .functional import leo_scale
 from .cpu_step import check_apply_args, check_shard_args, decay_args
 
 __all__ = [
@@ -406,7 +406,7 @@ def leo_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequen
         rr = row_sq.sqrt_().add_(eps)
         kk = col_sq.sqrt_().add_(eps)
         usq = leo2d_partial_usq(g, m, 0, R * C, C, beta1, rr, kk)
-        s = F.leo_scale(usq, R * C, align_const, eps)
+        s = leo_scale(usq, R * C, align_const, eps)
         leo2d_update_(g, m, 0, R * C, C, beta1, beta2, rr, kk, s, param=p, lr=lr, weight_decay=weight_decay)
 
 

@@ -118,10 +118,10 @@ def test_world_of_one_runs_reports_and_resumes_exactly(tmp_path):
     find(r"^\s+ratio vs DDP fp32\s+n/a", out)
     summary = [json.loads(x) for x in (tmp_path / "full.jsonl").read_text().splitlines()][-1]
     assert summary["kind"] == "summary" and summary["world_size"] == 1 and math_finite(summary["final_loss"])
-    assert [p.name for p in full.iterdir()] == ["ckpt_00000006.pt"]  # written atomically: no tmp left
+    assert [p.name for p in full.iterdir()] == ["ckpt_00000006"]  # written atomically: no tmp left
 
     run_demo([*common, "--checkpoint-dir", str(part), "--stop-at-step", "3"])
-    assert [p.name for p in part.iterdir()] == ["ckpt_00000003.pt"]
+    assert [p.name for p in part.iterdir()] == ["ckpt_00000003"]
     out = run_demo([*common, "--checkpoint-dir", str(part), "--resume", "latest",
                     "--metrics-file", str(tmp_path / "resumed.jsonl")])
     find(r"resumed from .+ at step\s+3\b", out)
@@ -189,8 +189,8 @@ def test_world_of_two_resume_matches_uninterrupted_run(tmp_path):
     ratio = float(find(rf"sent\s+{BYTES}\s*/\s*step\s*/\s*rank\s*\(\s*{NUM}\s*x\s+DDP fp32\)", out).group(3))
     assert 0 < ratio < 1, out
     assert summary_kind_bytes(out, "reduce_scatter") > 0, out
-    ckpt = tmp_path / "full" / "ckpt_00000003.pt"
-    assert ckpt.is_file()
+    ckpt = tmp_path / "full" / "ckpt_00000003"
+    assert ckpt.is_dir()
     out = run_demo([*common, "--checkpoint-dir", str(tmp_path / "resumed"), "--resume", str(ckpt),
                     "--metrics-file", str(tmp_path / "resumed.jsonl")], nproc=2)
     find(r"at step\s+3\b", out)
