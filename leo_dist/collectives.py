@@ -27,6 +27,7 @@ The reduce-scatter has two implementations (:attr:`Comm.native_reduce_scatter`):
 """
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,8 +129,12 @@ class Comm:
             self.world = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
             self.backend = str(dist.get_backend(group)).lower()
-        #: use ``reduce_scatter_tensor`` for float32 gradients (NCCL's default; see module doc)
-        self.native_reduce_scatter = self.backend == "nccl"
+        #: use ``reduce_scatter_tensor`` for float32 gradients (NCCL's default; see module doc).
+        #: ``LEO_DIST_REDUCE_SCATTER=native`` or ``=all_to_all`` overrides it (tests run NCCL's branch on gloo).
+        choice = os.environ.get("LEO_DIST_REDUCE_SCATTER", "")
+        if choice not in ("", "native", "all_to_all"):
+            raise ValueError(f"LEO_DIST_REDUCE_SCATTER must be 'native' or 'all_to_all', got {choice!r}")
+        self.native_reduce_scatter = choice == "native" or (not choice and self.backend == "nccl")
 
     @property
     def distributed(self) -> bool:

@@ -31,6 +31,7 @@ __all__ = [
     "leo_direction",
     "leo_scale",
     "apply_update_",
+    "round_bf16_stochastic_",
 ]
 
 
@@ -72,18 +73,46 @@ def leo_scale(sum_sq: float | Tensor, numel: int, align_const: float, eps: float
     return align_const / ((sum_sq / numel + eps) ** 0.5 + eps)
 
 
-def apply_update_(param: Tensor, update: Tensor, lr: float, weight_decay: float, scale: float = 1.0) -> None:
+def apply_update_(param: Tensor, update: Tensor, lr: float, weight_decay: float, scale: float = 1.0,
+                  rounding_seed: int | None = None) -> None:
     """``param ← param·(1 − lr·weight_decay) − lr·scale·update`` in place, in float32.
 
     ``update`` is float32 (or the parameter dtype), same numel as ``param``. This is the only
-    arithmetic any leo_dist path uses to change a parameter.
+    arithmetic any leo_dist path uses to change a parameter. A bfloat16 ``param`` is rounded to
+    nearest, or, given ``rounding_seed``, stochastically (see :func:`round_bf16_stochastic_`).
     """
     p = _f32(param)
     if weight_decay != 0.0:
         p.mul_(1.0 - lr * weight_decay)
     p.add_(update.view_as(p), alpha=-lr * scale)
     if p is not param:
-        param.copy_(p)
+        if rounding_seed is not None and param.dtype == torch.bfloat16:
+            round_bf16_stochastic_(param, p, rounding_seed)
+        else:
+            param.copy_(p)
+
+
+def round_bf16_stochastic_(dst: Tensor, x: Tensor, seed: int) -> None:
+    """``dst`` (bfloat16) ← ``x`` (float32, same shape) rounded up or down at random, with the
+    probability that makes the result unbiased; ``x`` is overwritten.
+
+    The randomness is a hash of ``(seed, flat element index)``: every rank that rounds the same
+    values with the same seed gets the same bits, so replicas stay bitwise identical, and a step
+    too small for one bf16 ulp still moves a weight with probability ``step/ulp`` instead of never.
+    Non-finite values round to nearest.
+    """
+    bits = x.view(torch.int32)
+    idx = torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
+    h = idx * 0x9E3779B1 + (seed * 0x85EBCA77 + 0x165667B1)
+    h = h ^ (h >> 15)
+    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+    h = h ^ (h >> 12)
+    noise = (h & 0xFFFF).to(torch.int32)
+    finite = torch.isfinite(x)
+    # adding uniform noise below the 16 bits bf16 drops, then truncating, rounds away from zero with
+    # probability (dropped bits)/2^16: unbiased on the magnitude, hence on the value
+    rounded = ((bits + noise) & ~0xFFFF).view(torch.float32)
+    dst.copy_(torch.where(finite, rounded, x))
 
 
 def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor]) -> None:

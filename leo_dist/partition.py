@@ -143,7 +143,8 @@ class NormLayout:
 class Layout:
     """Where every parameter of a sharded optimizer lives; fixed at construction, the same on all ranks.
 
-    ``groups[g]`` lists ``(param, kind)`` for param group ``g`` (kind "sign" or "matrix"); ``rank``
+    ``groups[g]`` lists ``(param, kind)`` for param group ``g`` (kind "sign", "matrix", or None for a
+    parameter the optimizer does not hold, which keeps its number but gets no place); ``rank``
     is this rank's index among ``world``.
 
     Attributes:
@@ -155,10 +156,11 @@ class Layout:
         matrix_slots: ``bucket index -> [(Slot, matrix index)]`` for every matrix of a matrix bucket.
     """
 
-    def __init__(self, groups: list[list[tuple[Tensor, str]]], world: int, rank: int, bucket_bytes: int):
+    def __init__(self, groups: list[list[tuple[Tensor, str | None]]], world: int, rank: int, bucket_bytes: int):
         entries, index = [], 0
         for rows in groups:
-            entries.append([(index + k, p, kind) for k, (p, kind) in enumerate(rows)])
+            # kind None: a parameter that is not held (requires_grad=False), still numbered
+            entries.append([(index + k, p, kind) for k, (p, kind) in enumerate(rows) if kind is not None])
             index += len(rows)
         self.world, self.rank = world, rank
         self.buckets: list[Bucket] = build_buckets(entries, world, bucket_bytes)

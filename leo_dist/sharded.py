@@ -30,6 +30,7 @@ gradient shards (N/W elements) between the exchange and the step.
 """
 from __future__ import annotations
 
+import warnings
 import zlib
 from typing import Any, Callable
 
@@ -55,7 +56,8 @@ class _ShardedOptimizer(Optimizer):
     _leo = False
 
     def __init__(self, params, defaults: dict[str, Any], *, process_group, grad_comm: str, update_comm: str,
-                 bucket_mb: float, momentum_dtype, fused, sync_params: bool, grad_comm_warmup: int = 10):
+                 bucket_mb: float, momentum_dtype, fused, sync_params: bool, grad_comm_warmup: int = 10,
+                 nonfinite: str = "skip", bf16_rounding: str = "nearest"):
         if grad_comm not in ("fp32", "bf16", "1bit"):
             raise ValueError(f"grad_comm must be one of ['1bit', 'bf16', 'fp32'], got {grad_comm!r}")
         if update_comm not in ("exact", "1bit"):
@@ -85,8 +87,8 @@ class _ShardedOptimizer(Optimizer):
         self._device = flat[0].device
         self._comm = Comm(process_group)
         self._backend = select_backend(fused, flat)
-        kinds = [[(p, "matrix" if self._leo and g["orthogonalize"] and p.ndim == 2 else "sign") for p in g["params"]]
-                 for g in self.param_groups]
+        kinds = [[(p, None if not p.requires_grad else "matrix" if self._leo and g["orthogonalize"] and p.ndim == 2
+                   else "sign") for p in g["params"]] for g in self.param_groups]
         self._layout = Layout(kinds, self._comm.world, self._comm.rank, int(bucket_mb * 2**20))
         with self._comm.stats.outside_step():
             self._check_same_layout_everywhere()
@@ -94,13 +96,22 @@ class _ShardedOptimizer(Optimizer):
                 self._broadcast_params()
         self._exchange = GradientExchange(self._layout, self._comm, grad_comm, self._device,
                                           compressing=lambda: self._steps_done >= self.grad_comm_warmup)
-        self._signs = SignStep(self._comm, self._backend, self._leo)
+        if bf16_rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"bf16_rounding must be 'nearest' or 'stochastic', got {bf16_rounding!r}")
+        self.bf16_rounding = bf16_rounding
+        self._signs = SignStep(self._comm, self._backend, self._leo, stochastic_bf16=bf16_rounding == "stochastic")
         self._matrices = MatrixStep(self._layout, self._comm, update_comm, self._device)
         self._init_state()
         self._hook_scaler: Any = None
         self._hook_attached = False
         self._consolidated: dict[str, Any] | None = None
-        self._guard = DDPGuard(flat) if self._comm.distributed else None
+        self._held = [s.param for b in self._layout.buckets for s in b.slots]
+        self._guard = DDPGuard(self._held) if self._comm.distributed else None
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        #: steps skipped because some averaged gradient was inf/NaN (not counting GradScaler's own skips)
+        self.skipped_steps = 0
 
     # ----------------------------------------------------------------- layout and state
     @property
@@ -198,6 +209,7 @@ class _ShardedOptimizer(Optimizer):
                 loss = closure()
         if self._guard is not None:
             self._guard.check()
+        present = self._present()
         shards = self._exchange.collect()
         if grad_scaler is not None:
             if self._hook_attached and self._hook_scaler is not grad_scaler:
@@ -206,13 +218,69 @@ class _ShardedOptimizer(Optimizer):
             if amp.unscale_and_check(grad_scaler, self, shards, self._comm, unscaled_by_hook=self._hook_attached):
                 self._end_step(completed=False)
                 return loss
+        bad, absent = self._verdict(shards, present)
+        if bad:
+            self._end_step(completed=False)
+            self.skipped_steps += 1
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"{type(self).__name__}.step(): an averaged gradient is inf or NaN on some rank; nothing "
+                    "was changed (parameters, momentum and error buffers are as before this step)")
+            if self.skipped_steps == 1:
+                warnings.warn(f"{type(self).__name__}: an averaged gradient is inf or NaN; the step is skipped "
+                              "on every rank (counted in opt.skipped_steps; nonfinite='raise' raises instead)",
+                              RuntimeWarning, stacklevel=2)
+            return loss
+        kept = self._save_untouched(absent)
         groups = self.param_groups
         self._matrices.step(groups, shards, self._momentum)
-        for bi in self._layout.kind_buckets("sign"):
-            b = self._layout.buckets[bi]
-            self._signs.step(b, groups[b.group_index], shards[bi], self._momentum[bi])
+        pending = [self._signs.launch(self._layout.buckets[bi], groups[self._layout.buckets[bi].group_index],
+                                      shards[bi], self._momentum[bi])
+                   for bi in self._layout.kind_buckets("sign")]
+        self._signs.finish(pending, self._steps_done)
+        self._restore_untouched(kept)
         self._end_step(completed=True)
         return loss
+
+    def _present(self) -> list[bool]:
+        """Per held parameter: does this rank have a gradient for it? (The DDP hook always hands
+        one over; standalone, ``.grad is None`` means no.)"""
+        return [self._hook_attached or p.grad is not None for p in self._held]
+
+    def _verdict(self, shards: list[Tensor], present: list[bool]) -> tuple[bool, list[Tensor]]:
+        """One all-reduce (MAX) of ``1 + P`` floats, one host sync: whether any averaged gradient
+        is non-finite on any rank, and the held parameters that no rank has a gradient for."""
+        flags = torch.zeros(1 + len(self._held), dtype=torch.float32, device=self._device)
+        for s in shards:
+            flags[0] = torch.maximum(flags[0], (~torch.isfinite(s)).any().float())
+        flags[1:] = torch.tensor(present, dtype=torch.float32)
+        self._comm.all_reduce(flags, dist.ReduceOp.MAX)
+        verdict = flags.tolist()  # the step's one host sync for this decision
+        return verdict[0] > 0, [p for p, seen in zip(self._held, verdict[1:]) if not seen]
+
+    def _save_untouched(self, params: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Copies of what the step must leave alone for parameters no rank has a gradient for (as
+        the single-process optimizers skip them): the parameter, its momentum and error slices.
+        Restored bitwise after the step; costs their size in memory for this step only."""
+        kept = []
+        for p in params:
+            kept.append((p.data, p.data.clone()))
+            for key in ("exp_avg", "update_error"):
+                view = self.state[p].get(key)
+                if view is not None and view.numel():
+                    kept.append((view, view.clone()))
+        return kept
+
+    @staticmethod
+    def _restore_untouched(kept: list[tuple[Tensor, Tensor]]) -> None:
+        for dst, src in kept:
+            dst.copy_(src)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``, and discard gradients already exchanged for a
+        step that will not run (a skipped step must not leak into the next one)."""
+        self._exchange.reset()
+        super().zero_grad(set_to_none=set_to_none)
 
     def _end_step(self, completed: bool) -> None:
         self._steps_done += int(completed)
@@ -348,17 +416,29 @@ class ShardedLion(_ShardedOptimizer):
         momentum_dtype: float32 (default) or bfloat16.
         fused: None/True/False, as for :class:`leo_dist.Lion`.
         sync_params: broadcast rank 0's parameters at construction (default True), as DDP does.
+        nonfinite: what a step does when an averaged gradient is inf or NaN on some rank (decided
+            on every rank alike, with one small all-reduce): "skip" (default; the step changes
+            nothing, ``opt.skipped_steps`` counts it, warned once) or "raise" (``FloatingPointError``,
+            after changing nothing). With a GradScaler its own skip-and-back-off applies instead.
+        bf16_rounding: how bfloat16 parameters take their update: "nearest" (default) or
+            "stochastic" (unbiased, keyed by step and element so replicas stay bitwise equal; a
+            step below half a bf16 ulp still lands on average). See docs/design.md.
+
+    Parameters with ``requires_grad=False`` are not held (no state, never stepped); a parameter that
+    no rank has a gradient for in a step is left untouched, as by the single-process optimizers; one
+    that has a gradient on some ranks only is averaged with zeros from the others.
     """
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
                  process_group=None, grad_comm: str = "fp32", bucket_mb: float = 25,
                  momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True,
-                 grad_comm_warmup: int = 10):
+                 grad_comm_warmup: int = 10, nonfinite: str = "skip",
+                 bf16_rounding: str = "nearest"):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         weight_decay=weight_decay)
         super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm, update_comm="exact",
                          bucket_mb=bucket_mb, momentum_dtype=momentum_dtype, fused=fused, sync_params=sync_params,
-                         grad_comm_warmup=grad_comm_warmup)
+                         grad_comm_warmup=grad_comm_warmup, nonfinite=nonfinite, bf16_rounding=bf16_rounding)
 
 
 class ShardedLeo(_ShardedOptimizer):
@@ -378,9 +458,11 @@ class ShardedLeo(_ShardedOptimizer):
                  align_const: float = 0.2, eps: float = 1e-8, *, orthogonalize: bool = True, process_group=None,
                  grad_comm: str = "fp32", update_comm: str = "exact", bucket_mb: float = 25,
                  momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True,
-                 grad_comm_warmup: int = 10):
+                 grad_comm_warmup: int = 10, nonfinite: str = "skip",
+                 bf16_rounding: str = "nearest"):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         weight_decay=weight_decay, align_const=align_const, eps=eps, orthogonalize=orthogonalize)
         super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm,
                          update_comm=update_comm, bucket_mb=bucket_mb, momentum_dtype=momentum_dtype, fused=fused,
-                         sync_params=sync_params, grad_comm_warmup=grad_comm_warmup)
+                         sync_params=sync_params, grad_comm_warmup=grad_comm_warmup, nonfinite=nonfinite,
+                         bf16_rounding=bf16_rounding)

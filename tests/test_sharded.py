@@ -270,3 +270,34 @@ def test_mixed_dtypes_get_separate_buckets_and_match_oracle():
             assert rel_err(got, want.detach()) <= STEPS * 2.0**-8
         else:
             assert rel_err(got, want.detach()) <= 2e-6
+
+
+def _native_reduce_scatter(rank, world, kind, wire):
+    import os
+    os.environ["LEO_DIST_REDUCE_SCATTER"] = "native"  # NCCL's branch: reduce_scatter_tensor (gloo has it)
+    params = make_params()
+    cls = leo_dist.ShardedLeo if kind == "leo" else leo_dist.ShardedLion
+    opt = cls(groups_for(params, kind), bucket_mb=1e-4, grad_comm=wire)
+    hashes = []
+    for step in range(STEPS):
+        for p in params:
+            p.grad = local_grad(step, rank, p.shape, False)
+        opt.step()
+        hashes.append(params_hash(params))
+    return [p.detach().clone() for p in params], hashes, opt.comm_stats()["last_step"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind", ["lion", "leo"])
+@pytest.mark.parametrize("wire", ["fp32", "bf16"])
+def test_nccl_branch_forced_on_gloo_matches_oracle(world, kind, wire):
+    out = run_ranks(_native_reduce_scatter, world, kind, wire)
+    for r in range(1, world):
+        assert out[r][1] == out[0][1]
+    # fp32: reduce_scatter_tensor; bf16: still an all-to-all with a float32 sum (one rounding, at
+    # the sender), so the bf16 branch is the same on NCCL and gloo
+    rs = out[0][2]["reduce_scatter"]
+    assert rs["bytes_out"] * (world if wire == "fp32" else 1) == rs["bytes_in"], rs  # which branch ran
+    expected, _ = oracle_run(kind, world, STEPS, False, wire=torch.bfloat16 if wire == "bf16" else torch.float32)
+    for got, want in zip(out[0][0], expected):
+        assert rel_err(got, want) <= 2e-6
