@@ -37,7 +37,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["FORMAT", "full_state_dict", "consolidate", "sharded_state_dict", "load_state_dict",

@@ -31,7 +31,7 @@ gradient shards (N/W elements) between the exchange and the step.
 from __future__ import annotations
 
 import warnings
-import zlib
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import amp, checkpoint
+from . import amp, checkpoint, replicas
 from .collectives import Comm
 from .ddp_guard import DDPGuard
 from .dispatch import select_backend
@@ -57,7 +57,7 @@ class _ShardedOptimizer(Optimizer):
 
     def __init__(self, params, defaults: dict[str, Any], *, process_group, grad_comm: str, update_comm: str,
                  bucket_mb: float, momentum_dtype, fused, sync_params: bool, grad_comm_warmup: int = 10,
-                 nonfinite: str = "skip", bf16_rounding: str = "nearest"):
+                 nonfinite: str = "skip", bf16_rounding: str = "stochastic"):
         if grad_comm not in ("fp32", "bf16", "1bit"):
             raise ValueError(f"grad_comm must be one of ['1bit', 'bf16', 'fp32'], got {grad_comm!r}")
         if update_comm not in ("exact", "1bit"):
@@ -91,9 +91,9 @@ class _ShardedOptimizer(Optimizer):
                    else "sign") for p in g["params"]] for g in self.param_groups]
         self._layout = Layout(kinds, self._comm.world, self._comm.rank, int(bucket_mb * 2**20))
         with self._comm.stats.outside_step():
-            self._check_same_layout_everywhere()
+            replicas.check_same_layout(self._comm, self.param_groups, self._device)
             if sync_params:
-                self._broadcast_params()
+                replicas.broadcast_params(self._comm, self._layout)
         self._exchange = GradientExchange(self._layout, self._comm, grad_comm, self._device,
                                           compressing=lambda: self._steps_done >= self.grad_comm_warmup)
         if bf16_rounding not in ("nearest", "stochastic"):
@@ -125,41 +125,6 @@ class _ShardedOptimizer(Optimizer):
                                "afterwards is not supported: build a new optimizer with every group")
         super().add_param_group(param_group)
         check_hyperparameters(self.param_groups[-1])
-
-    def _check_same_layout_everywhere(self) -> None:
-        """Fail on every rank, instead of hanging, when ranks disagree on the parameters."""
-        desc = []
-        for g in self.param_groups:
-            hyper = {k: v for k, v in g.items() if k != "params"}
-            desc.append((sorted(hyper.items(), key=lambda kv: kv[0]),
-                         [(tuple(p.shape), str(p.dtype)) for p in g["params"]]))
-        params_crc = zlib.crc32(repr([d[1] for d in desc]).encode())
-        hyper_crc = zlib.crc32(repr([d[0] for d in desc]).encode())
-        n_params = sum(len(g["params"]) for g in self.param_groups)
-        mine = torch.tensor([n_params, len(self.param_groups), params_crc, hyper_crc, self._comm.world],
-                            dtype=torch.int64, device=self._device)
-        if not self._comm.distributed:
-            return
-        table = torch.empty(self._comm.world * mine.numel(), dtype=torch.int64, device=self._device)
-        self._comm.all_gather(table, mine)
-        table = table.view(self._comm.world, -1).cpu()
-        bad = [r for r in range(self._comm.world) if not torch.equal(table[r], table[0])]
-        if bad:
-            what = "parameter list (count, shapes or dtypes)" if any(
-                table[r, :3].ne(table[0, :3]).any() for r in bad) else "param-group hyperparameters"
-            raise ValueError(f"ranks disagree on the {what}: rank 0 has {table[0].tolist()[:2]} (params, groups), "
-                             f"ranks {bad} differ; every rank must build the optimizer over the same model")
-
-    @torch.no_grad()
-    def _broadcast_params(self) -> None:
-        """Make every replica equal to rank 0's, as DDP does at construction."""
-        if not self._comm.distributed:
-            return
-        for b in self._layout.buckets:
-            buf = torch.cat([s.param.detach().reshape(-1) for s in b.slots])
-            self._comm.broadcast(buf, 0)
-            for s in b.slots:
-                s.param.copy_(buf[s.offset : s.offset + s.numel].view_as(s.param))
 
     def _init_state(self) -> None:
         """One momentum shard per bucket; ``state[p]`` holds views of the parameter's part of it."""
@@ -210,7 +175,8 @@ class _ShardedOptimizer(Optimizer):
         if self._guard is not None:
             self._guard.check()
         present = self._present()
-        shards = self._exchange.collect()
+        with self._phase("gradient reduce-scatter"):
+            shards = self._exchange.collect()
         if grad_scaler is not None:
             if self._hook_attached and self._hook_scaler is not grad_scaler:
                 raise RuntimeError("with a GradScaler and the DDP hook, pass the scaler to "
@@ -218,7 +184,8 @@ class _ShardedOptimizer(Optimizer):
             if amp.unscale_and_check(grad_scaler, self, shards, self._comm, unscaled_by_hook=self._hook_attached):
                 self._end_step(completed=False)
                 return loss
-        bad, absent = self._verdict(shards, present)
+        with self._phase("non-finite check (all-reduce)"):
+            bad, absent = self._verdict(shards, present)
         if bad:
             self._end_step(completed=False)
             self.skipped_steps += 1
@@ -233,14 +200,28 @@ class _ShardedOptimizer(Optimizer):
             return loss
         kept = self._save_untouched(absent)
         groups = self.param_groups
-        self._matrices.step(groups, shards, self._momentum)
-        pending = [self._signs.launch(self._layout.buckets[bi], groups[self._layout.buckets[bi].group_index],
-                                      shards[bi], self._momentum[bi])
-                   for bi in self._layout.kind_buckets("sign")]
-        self._signs.finish(pending, self._steps_done)
+        with self._phase("Leo matrix norms / update all-gather"):
+            self._matrices.step(groups, shards, self._momentum)
+        with self._phase("sign update all-gather"):
+            pending = [self._signs.launch(self._layout.buckets[bi], groups[self._layout.buckets[bi].group_index],
+                                          shards[bi], self._momentum[bi])
+                       for bi in self._layout.kind_buckets("sign")]
+            self._signs.finish(pending, self._steps_done)
         self._restore_untouched(kept)
         self._end_step(completed=True)
         return loss
+
+    @contextmanager
+    def _phase(self, name: str):
+        """Name the phase of the step in a collective's failure (gloo's own text names none): a peer
+        that died or stalled surfaces here, within the process group's timeout."""
+        try:
+            yield
+        except RuntimeError as e:
+            if isinstance(e, FloatingPointError) or str(e).startswith("leo_dist"):
+                raise
+            raise RuntimeError(f"leo_dist {type(self).__name__}.step(), rank {self._comm.rank}/{self._comm.world}: "
+                               f"{name} failed, a peer may have exited or stalled ({type(e).__name__}: {e})") from e
 
     def _present(self) -> list[bool]:
         """Per held parameter: does this rank have a gradient for it? (The DDP hook always hands
@@ -342,21 +323,8 @@ class _ShardedOptimizer(Optimizer):
 
         Sends two int64 checksums per parameter per rank (an all-gather).
         """
-        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-        sums = []
-        for g in self.param_groups:
-            for p in g["params"]:
-                x = p.detach().reshape(-1).view(ints[p.element_size()]).to(torch.int64)
-                w = torch.arange(x.numel(), device=x.device, dtype=torch.int64) % 65521 + 1
-                sums.append(torch.stack([x.sum(), (x * w).sum()]))
-        mine = torch.stack(sums).reshape(-1) if sums else torch.zeros(0, dtype=torch.int64, device=self._device)
-        if not self._comm.distributed:
-            return True
-        table = torch.empty(self._comm.world * mine.numel(), dtype=torch.int64, device=self._device)
         with self._comm.stats.outside_step():
-            self._comm.all_gather(table, mine)
-        table = table.view(self._comm.world, -1)
-        return bool((table == table[0]).all())
+            return replicas.verify(self._comm, [p for g in self.param_groups for p in g["params"]], self._device)
 
     # ----------------------------------------------------------------- checkpoints
     def sharded_state_dict(self) -> dict[str, Any]:
@@ -420,9 +388,10 @@ class ShardedLion(_ShardedOptimizer):
             on every rank alike, with one small all-reduce): "skip" (default; the step changes
             nothing, ``opt.skipped_steps`` counts it, warned once) or "raise" (``FloatingPointError``,
             after changing nothing). With a GradScaler its own skip-and-back-off applies instead.
-        bf16_rounding: how bfloat16 parameters take their update: "nearest" (default) or
-            "stochastic" (unbiased, keyed by step and element so replicas stay bitwise equal; a
-            step below half a bf16 ulp still lands on average). See docs/design.md.
+        bf16_rounding: how bfloat16 parameters take their update: "stochastic" (default: unbiased,
+            keyed by step and element so replicas stay bitwise equal; a step below half a bf16 ulp
+            still lands on average) or "nearest" (as the single-process optimizers round). Chosen
+            by measurement: docs/results/bf16_rounding_lion.md.
 
     Parameters with ``requires_grad=False`` are not held (no state, never stepped); a parameter that
     no rank has a gradient for in a step is left untouched, as by the single-process optimizers; one
@@ -433,7 +402,7 @@ class ShardedLion(_ShardedOptimizer):
                  process_group=None, grad_comm: str = "fp32", bucket_mb: float = 25,
                  momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True,
                  grad_comm_warmup: int = 10, nonfinite: str = "skip",
-                 bf16_rounding: str = "nearest"):
+                 bf16_rounding: str = "stochastic"):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         weight_decay=weight_decay)
         super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm, update_comm="exact",
@@ -459,7 +428,7 @@ class ShardedLeo(_ShardedOptimizer):
                  grad_comm: str = "fp32", update_comm: str = "exact", bucket_mb: float = 25,
                  momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True,
                  grad_comm_warmup: int = 10, nonfinite: str = "skip",
-                 bf16_rounding: str = "nearest"):
+                 bf16_rounding: str = "stochastic"):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         weight_decay=weight_decay, align_const=align_const, eps=eps, orthogonalize=orthogonalize)
         super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm,
