@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batches", type=_int_at_least(1), default=16,
                    help="validation batches per evaluation, split across ranks (default: 16)")
     g.add_argument("--checkpoint-dir", default=None,
-                   help="directory for checkpoints ckpt_<step>.pt; none are written without it")
+                   help="directory for checkpoints ckpt_<step>/ (DCP); none are written without it")
     g.add_argument("--checkpoint-interval", type=_int_at_least(0), default=0,
                    help="save every N steps (and always at the end when --checkpoint-dir is set); 0: only at the end")
     g.add_argument("--keep-checkpoints", type=_int_at_least(0), default=3,

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from launch.ckpt import load_checkpoint, resolve_resume, save_checkpoint
 from launch.data import evaluate, seed_of, train_batch
+from launch.faults import FaultInjector, restart_count
 from launch.gpt import GPT, PRESETS, GPTConfig, load_corpus
 from launch.optimizers import SHARDED, build_optimizer, lr_factor
 from launch.ranks import Dist
@@ -60,6 +61,7 @@ class Stats:
     last_comm: dict[str, dict[str, int]] = field(default_factory=dict)
     last_loss: float | None = None
     val_loss: float | None = None
+    replicas_equal: bool | None = None  # sharded optimizers: opt.verify_replicas() after the last step
 
 
 def build(args, d: Dist) -> Run:
@@ -108,7 +110,9 @@ def train(args, d: Dist) -> int:
     rep.start_bar(args, start_step)
     log_header(rep, run)
     if start_step:
-        rep.log(f"resumed from {resume_path} at step {start_step}")
+        rep.log(f"resumed from {resume_path} at step {start_step}"
+                + (f" (torchrun restart {restart_count()})" if restart_count() else ""))
+        rep.record(kind="resume", step=start_step, path=resume_path, restart=restart_count())
     end_step = args.stop_at_step or args.steps
     if start_step >= end_step:
         rep.log(f"checkpoint is already at step {start_step} >= {end_step}; nothing to do")
@@ -116,6 +120,8 @@ def train(args, d: Dist) -> int:
         return 0
 
     stats = run_steps(run, rep, base_lrs, start_step, end_step)
+    if run.sharded:
+        stats.replicas_equal = run.opt.verify_replicas()
     log_summary(rep, run, stats, end_step)
     rep.close()
     return 0
@@ -124,6 +130,7 @@ def train(args, d: Dist) -> int:
 def run_steps(run: Run, rep: Reporter, base_lrs: list[float], start_step: int, end_step: int) -> Stats:
     args, d, opt = run.args, run.d, run.opt
     stats = Stats()
+    fault = FaultInjector(d.rank)  # test-only (launch/faults.py): nothing unless the env var names this rank
     # tokens/s covers training only: evaluation and checkpoint time is subtracted from the window.
     window_t0, window_steps, window_paused = time.perf_counter(), 0, 0.0
     run.model.train()
@@ -143,6 +150,7 @@ def run_steps(run: Run, rep: Reporter, base_lrs: list[float], start_step: int, e
                 opt.clip_grad_norm_(args.clip_grad_norm)
             else:
                 torch.nn.utils.clip_grad_norm_(run.core.parameters(), args.clip_grad_norm)
+        fault.at(step)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if d.device.type == "cuda":

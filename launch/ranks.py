@@ -40,7 +40,17 @@ class Dist:
         kw: dict[str, Any] = dict(backend=self.backend, timeout=timeout)
         if self.backend == "nccl":
             kw["device_id"] = self.device
-        if self.launched:
+        if self.launched and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent keeps one TCPStore for every attempt of the worker group, and the
+            # env:// rendezvous does not separate them: after a restart a rank can read a peer's
+            # address from the previous attempt and fail to connect (pytorch/pytorch#135712).
+            # One key prefix per attempt keeps each attempt's process group to itself.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world,
+                                  is_master=False, timeout=timeout)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(store=dist.PrefixStore(f"leo_dist/attempt_{attempt}/", store),
+                                    rank=self.rank, world_size=self.world, **kw)
+        elif self.launched:
             dist.init_process_group(**kw)  # env:// rendezvous set up by torchrun
         elif args.ddp:
             # DDP needs a process group even for one rank; an in-memory store avoids picking a port.

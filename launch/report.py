@@ -2,11 +2,14 @@
 and the run's header and summary."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
 import sys
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from launch.ranks import Dist
 from launch.traffic import fmt_bytes
@@ -67,6 +70,15 @@ def _open_metrics(path: str):
 
 
 
+def params_sha256(model) -> str:
+    """SHA-256 of the model's state_dict bytes, in key order: equal only for bitwise-equal models."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def log_header(rep: Reporter, run: Run) -> None:
     """What runs: world, model, optimizer and mode, and where the bytes it reports come from."""
     args, d = run.args, run.d
@@ -103,6 +115,7 @@ def log_summary(rep: Reporter, run: Run, stats: Stats, end_step: int) -> None:
     sent_mean = statistics.mean(stats.sent) if stats.sent else None
     recv_mean = statistics.mean(stats.received) if stats.received else None
     ratio = sent_mean / ddp_ref if sent_mean is not None and ddp_ref > 0 else None
+    digest = params_sha256(run.core)
     source = "opt.comm_stats()" if run.sharded else ("DDP cost model" if args.ddp else "no collectives")
     rows = [
         ("optimizer", f"{args.optimizer} ({run.mode}), world {d.world}, {d.backend}"),
@@ -115,6 +128,8 @@ def log_summary(rep: Reporter, run: Run, stats: Stats, end_step: int) -> None:
         *[(f"  {kind}", f"{fmt_bytes(c['sent'])} sent in {c['calls']} call(s) (last step)")
           for kind, c in stats.last_comm.items()],
         ("DDP fp32 bytes/step", f"{fmt_bytes(ddp_ref)} per rank (cost model 2*(W-1)/W*4*N)"),
+        ("params sha256", digest + ("" if stats.replicas_equal is None else
+                                    f" (replicas {'equal' if stats.replicas_equal else 'DIFFER'})")),
         ("ratio vs DDP fp32", f"{ratio:.3f} (mean), {stats.sent[-1] / ddp_ref:.3f} (last step)"
          if ratio is not None else "n/a (world of 1: DDP sends nothing)"),
     ]
@@ -124,4 +139,5 @@ def log_summary(rep: Reporter, run: Run, stats: Stats, end_step: int) -> None:
         rep.log(f"  {k:<{width}}  {v}")
     rep.record(kind="summary", optimizer=args.optimizer, world_size=d.world, steps=end_step,
                final_loss=stats.last_loss, val_loss=stats.val_loss, step_time_s=step_s, sent_bytes_per_step=sent_mean,
-               received_bytes_per_step=recv_mean, ddp_fp32_bytes_per_step=ddp_ref, ratio_vs_ddp_fp32=ratio)
+               received_bytes_per_step=recv_mean, ddp_fp32_bytes_per_step=ddp_ref, ratio_vs_ddp_fp32=ratio,
+               params_sha256=digest, replicas_equal=stats.replicas_equal)

@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .validation import check_state_dict
+
 __all__ = ["FORMAT", "full_state_dict", "consolidate", "sharded_state_dict", "load_state_dict",
            "load_sharded_state_dict"]
 
@@ -256,26 +258,19 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
 
     Each rank keeps only its shard of the momentum and of the update error; every rank takes the
     saved mean gradient error. Parameters without saved state keep zeros. Raises ``ValueError``
-    when the groups or parameter sizes do not match, before anything is modified.
+    when the groups or parameter shapes do not match, when it is another optimizer's or the sharded
+    (DCP) form, or when a saved hyperparameter is invalid, before anything is modified
+    (:func:`leo_dist.validation.check_state_dict`).
     """
-    if "leo_dist" in state_dict:
-        _check_meta(opt, state_dict["leo_dist"], "state_dict")
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("leo_dist"), dict):
+        _check_meta(opt, state_dict["leo_dist"], "state_dict")  # first: it names the optimizer that saved it
+    check_state_dict(state_dict, opt.param_groups, type(opt).__name__)
     saved_ids = _check_groups(opt, state_dict.get("param_groups"))
     state = state_dict.get("state", {})
     entries = []
     for bi, b in enumerate(opt._layout.buckets):
         for s in b.slots:
-            entry = state.get(saved_ids[s.index]) or {}
-            for key, value in entry.items():
-                if key == "step" or not isinstance(value, Tensor):
-                    continue
-                if type(value).__name__ == "ShardedTensor":
-                    raise TypeError(f"state of parameter {s.index} holds a {type(value).__name__}: a sharded "
-                                    "checkpoint loads with dcp.load + load_sharded_state_dict")
-                if value.numel() != s.numel:
-                    raise ValueError(f"saved {key} of parameter {s.index} has {value.numel()} elements, the "
-                                     f"parameter has {s.numel}")
-            entries.append((bi, s, entry))
+            entries.append((bi, s, state.get(saved_ids[s.index]) or {}))
     rank = opt._comm.rank
     for bi, s, entry in entries:
         b = opt._layout.buckets[bi]

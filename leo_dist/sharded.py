@@ -47,7 +47,8 @@ from .exchange import GradientExchange
 from .matrix import MatrixStep
 from .partition import Layout
 from .signs import SignStep
-from .validation import check_hyperparameters, check_momentum_dtype, check_param
+from .validation import (check_hyperparameters, check_momentum_dtype, check_param, check_params_unique,
+                         check_same_options_everywhere)
 
 __all__ = ["ShardedLion", "ShardedLeo"]
 
@@ -78,7 +79,7 @@ class _ShardedOptimizer(Optimizer):
         super().__init__(params, defaults)
         self._frozen = True
 
-        flat = [p for g in self.param_groups for p in g["params"]]
+        flat = check_params_unique(self.param_groups)
         for p in flat:
             check_param(p)
         devices = {p.device for p in flat}
@@ -91,6 +92,9 @@ class _ShardedOptimizer(Optimizer):
                    else "sign") for p in g["params"]] for g in self.param_groups]
         self._layout = Layout(kinds, self._comm.world, self._comm.rank, int(bucket_mb * 2**20))
         with self._comm.stats.outside_step():
+            check_same_options_everywhere(self._comm, self._device, grad_comm=grad_comm, update_comm=update_comm,
+                                          bucket_mb=bucket_mb, grad_comm_warmup=grad_comm_warmup,
+                                          sync_params=sync_params, momentum_dtype=self._momentum_dtype)
             replicas.check_same_layout(self._comm, self.param_groups, self._device)
             if sync_params:
                 replicas.broadcast_params(self._comm, self._layout)
