@@ -34,21 +34,72 @@ __all__ = ["attach", "reduce_scatter_hook", "HookState"]
 
 class HookState:
     """State of :func:`reduce_scatter_hook`: the sharded optimizer that receives the gradients
-    (its :class:`~leo_dist.exchange.GradientExchange` stages them) and the AMP scaler, if any."""
+    (its :class:`~leo_dist.exchange.GradientExchange` stages them) and the AMP scaler, if any.
+
+    Picklable, as torch's ``PowerSGDState`` is (``torch.save(ddp_model)`` and ``copy.deepcopy``
+    pickle DDP's comm hooks with their state): the optimizer, which holds process groups and the
+    momentum, is left out, as PowerSGD leaves out its process group; the scaler is kept. An
+    unpickled state is unbound: :meth:`bind` it to an optimizer (or :func:`attach` afresh) before
+    the hook runs, else the hook raises.
+    """
 
     def __init__(self, optimizer: Any, grad_scaler: Any = None):
+        self.grad_scaler = grad_scaler
+        self.bind(optimizer)
+
+    def bind(self, optimizer: Any) -> None:
+        """Point this state at ``optimizer`` (a ``ShardedLeo``/``ShardedLion``)."""
         if not isinstance(optimizer, _ShardedOptimizer):
             raise TypeError("the leo_dist DDP hook needs a leo_dist.ShardedLeo or ShardedLion optimizer, got "
                             f"{type(optimizer).__name__}")
         self.optimizer = optimizer
-        self.grad_scaler = grad_scaler
         self.exchange = optimizer._exchange
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"grad_scaler": self.grad_scaler}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.grad_scaler = state.get("grad_scaler")
+        self.optimizer = None
+        self.exchange = None
+
+
+def _foreign_all_reduce(comm: Any, grad: Tensor) -> Tensor:
+    """Average ``grad`` (a parameter the optimizer does not hold) in place, synchronously: the
+    per-parameter form of the hook has no future for DDP to wait on."""
+    if not comm.distributed:
+        return grad
+    if torch.compiler.is_compiling():  # as torch's default hooks do under compiled autograd
+        from torch.distributed import _functional_collectives as fcol
+
+        grad.copy_(fcol.all_reduce(grad / comm.world, "sum", comm.group))
+        return grad
+    grad.div_(comm.world)
+    comm.all_reduce(grad)
+    return grad
 
 
 def reduce_scatter_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
-    """DDP comm hook (``ddp_model.register_comm_hook(state, reduce_scatter_hook)``); see the module doc."""
+    """DDP comm hook (``ddp_model.register_comm_hook(state, reduce_scatter_hook)``); see the module doc.
+
+    ``bucket`` is a :class:`torch.distributed.GradBucket` (eager DDP; returns a future), or, under
+    compiled autograd with ``torch._dynamo.config.optimize_ddp = "python_reducer"``, the tuple
+    ``(param.grad, param)`` that DDP's per-parameter hook passes (as torch's
+    ``default_hooks._compress_hook`` handles it); the gradient is then staged or averaged in place
+    and returned, since that caller ignores the result and waits on nothing. (The annotations are
+    the ones DDP's ``register_comm_hook`` insists on.)
+    """
     exchange = state.exchange
+    if exchange is None:
+        raise RuntimeError("this leo_dist HookState was unpickled and is not bound to an optimizer: call "
+                           "state.bind(optimizer) or leo_dist.hooks.attach(ddp_model, optimizer)")
     comm = exchange.comm
+    if isinstance(bucket, tuple):
+        grad, param = bucket[0], bucket[1]
+        if exchange.owns(param):
+            exchange.stage(param, grad, inverse_scale(state.grad_scaler))
+            return grad  # type: ignore[return-value]
+        return _foreign_all_reduce(comm, grad)  # type: ignore[return-value]
     buf = bucket.buffer()
     foreign: list[Tensor] = []
     # Unscaled while copying into the optimizer's buckets, so that the averaged shards (which

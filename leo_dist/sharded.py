@@ -39,11 +39,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import amp, checkpoint, replicas
+from . import amp, checkpoint, misuse, replicas
 from .collectives import Comm
 from .ddp_guard import DDPGuard
 from .dispatch import select_backend
 from .exchange import GradientExchange
+from .groups import resolve_group
 from .matrix import MatrixStep
 from .partition import Layout
 from .signs import SignStep
@@ -67,9 +68,7 @@ class _ShardedOptimizer(Optimizer):
             raise ValueError(f"grad_comm_warmup must be a non-negative int, got {grad_comm_warmup!r}")
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be a positive number, got {bucket_mb!r}")
-        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
-                            f"{type(process_group).__name__}")
+        process_group = resolve_group(process_group)  # a ProcessGroup, a 1-D DeviceMesh or None
         check_hyperparameters(defaults)
         self._momentum_dtype = check_momentum_dtype(momentum_dtype)
         self.grad_comm, self.update_comm = grad_comm, update_comm
@@ -116,6 +115,7 @@ class _ShardedOptimizer(Optimizer):
         self.nonfinite = nonfinite
         #: steps skipped because some averaged gradient was inf/NaN (not counting GradScaler's own skips)
         self.skipped_steps = 0
+        self._grad_guard = misuse.GradEditGuard(self._held)
 
     # ----------------------------------------------------------------- layout and state
     @property
@@ -178,6 +178,7 @@ class _ShardedOptimizer(Optimizer):
                 loss = closure()
         if self._guard is not None:
             self._guard.check()
+        misuse.check_grad_edits(self, grad_scaler)
         present = self._present()
         with self._phase("gradient reduce-scatter"):
             shards = self._exchange.collect()
