@@ -1,5 +1,5 @@
 """leo_dist: data-parallel Leo and Lion with sharded momentum and 1-bit packed updates."""
-from . import fsdp, hooks
+from . import checkpoint, fsdp, hooks, misuse
 from .collectives import average_gradients
 from .functional import leo_update, lion_update
 from .optim import Leo, Lion, leo_param_groups
@@ -9,6 +9,7 @@ from .sharded import ShardedLeo, ShardedLion
 __all__ = [
     "Leo",
     "average_gradients",
+    "checkpoint",
     "fsdp",
     "hooks",
     "Lion",
@@ -16,6 +17,7 @@ __all__ = [
     "ShardedLion",
     "leo_param_groups",
     "leo_update",
+    "misuse",
     "lion_update",
     "pack_signs",
     "pack_mask",
