@@ -105,11 +105,17 @@ class Done:
         return True
 
 
-def sum_in_rank_order(chunks: Tensor) -> Tensor:
-    """Sum ``chunks`` (``[W, S]``, any float dtype) over its first dimension into a new float32
+def sum_in_rank_order(chunks: Tensor, out: Tensor | None = None) -> Tensor:
+    """Sum ``chunks`` (``[W, S]``, any float dtype) over its first dimension into a float32
     ``[S]`` tensor, adding rank 0, then 1, ... in float32: every rank that sums the same chunks
-    gets the same bits, whatever the collective's own reduction order would have been."""
-    total = chunks[0].float() if chunks.dtype != torch.float32 else chunks[0].clone()
+    gets the same bits, whatever the collective's own reduction order would have been.
+
+    ``out`` (float32 ``[S]``, not overlapping ``chunks``), if given, receives the sum and is
+    returned; otherwise a new tensor is. Either way the bits are the same."""
+    if out is None:
+        total = chunks[0].float() if chunks.dtype != torch.float32 else chunks[0].clone()
+    else:
+        total = out.copy_(chunks[0])
     for i in range(1, chunks.shape[0]):
         total.add_(chunks[i])
     return total
@@ -143,6 +149,54 @@ class Comm:
     def _count(self, kind: str, t_in: Tensor, t_out: Tensor, sent: float, received: float) -> None:
         self.stats.add(kind, t_in.numel() * t_in.element_size(), t_out.numel() * t_out.element_size(),
                        int(sent), int(received))
+
+    def book(self, kind: str, bytes_in: int, bytes_out: int, sent: float, received: float) -> None:
+        """Count one logical collective of ``kind`` that travels as several calls made with
+        ``count=False`` (a bucket's chunked reduce-scatter): its stats then read as one call."""
+        self.stats.add(kind, int(bytes_in), int(bytes_out), int(sent), int(received))
+
+    def book_reduce_scatter(self, numel: int, dtype: torch.dtype) -> None:
+        """Book one reduce-scatter of ``numel`` elements of ``dtype`` that travels as several
+        ``reduce_scatter_into_start(..., count=False)`` calls: the same figures as one
+        :meth:`reduce_scatter_start` of the whole tensor."""
+        if not self.distributed:
+            return
+        w, esize = self.world, torch.finfo(dtype).bits // 8
+        moved = (w - 1) * (numel // w) * esize
+        native = self.native_reduce_scatter and dtype == torch.float32
+        self.book("reduce_scatter", numel * esize, (numel // w) * 4 if native else numel * esize, moved, moved)
+
+    def reduce_scatter_into_start(self, out: Tensor, inp: Tensor, recv: Tensor | None = None,
+                                  count: bool = True) -> Callable[[], None]:
+        """Start ``out ← Σ_ranks chunk r of inp`` (not yet divided by W), without allocating.
+
+        ``inp`` is contiguous ``[W·s]`` (or ``[W, s]``) of the wire dtype, ``out`` float32 ``[s]``
+        (contiguous), ``recv`` a buffer like ``inp`` for the received chunks (all-to-all path;
+        allocated if None). Returns a function that waits and writes ``out``: the same bits as
+        :meth:`reduce_scatter_start` gives for the same ``inp``. ``count=False``: not booked
+        (see :meth:`book`).
+        """
+        w = self.world
+        s = inp.numel() // w
+        moved = (w - 1) * s * inp.element_size()
+        if not self.distributed:
+            out.copy_(inp.reshape(-1))
+            return lambda: None
+        if self.native_reduce_scatter and inp.dtype == torch.float32:
+            work = dist.reduce_scatter_tensor(out, inp.reshape(-1), group=self.group, async_op=True)
+            if count:
+                self._count("reduce_scatter", inp, out, moved, moved)
+            return lambda: work.wait() and None
+        if recv is None:
+            recv = torch.empty_like(inp)
+        work = dist.all_to_all_single(recv.view(-1), inp.reshape(-1), group=self.group, async_op=True)
+        if count:
+            self._count("reduce_scatter", inp, recv, moved, moved)
+
+        def finish() -> None:
+            work.wait()
+            sum_in_rank_order(recv.view(w, s), out=out)
+        return finish
 
     def reduce_scatter_start(self, inp: Tensor, scratch: Tensor | None = None) -> Callable[[], Tensor]:
         """Start summing ``inp`` (1-D, ``W·S`` elements) across ranks; rank r gets chunk r.
@@ -183,6 +237,14 @@ class Comm:
         _all_gather_single(out, inp, group=self.group)
         moved = (self.world - 1) * inp.numel() * inp.element_size()
         self._count("all_gather", inp, out, moved, moved)
+
+    def all_gather_uncounted(self, out: Tensor, inp: Tensor) -> None:
+        """:meth:`all_gather` without booking it: for one logical all-gather sent in blocks,
+        booked once with :meth:`book`."""
+        if not self.distributed:
+            out.copy_(inp)
+            return
+        _all_gather_single(out, inp, group=self.group)
 
     def all_gather_start(self, out: Tensor, inp: Tensor):
         """Asynchronous :meth:`all_gather`; returns a work handle (``.wait()``)."""

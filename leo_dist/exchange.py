@@ -1,18 +1,30 @@
 """Phase 1 of a sharded step: the gradient exchange.
 
 :class:`GradientExchange` owns everything between a local ``.grad`` and the averaged float32
-shard the step consumes. Local gradients are staged into each bucket's flat send buffer (by
-:meth:`GradientExchange.collect` from ``.grad``, or by the DDP hook during backward through
-:meth:`GradientExchange.stage`), and a bucket is sent as soon as it is complete: a reduce-scatter
-(fp32/bf16 on the wire) or, when compressing (``grad_comm="1bit"`` after warm-up), an all-to-all of
-compressed signs. At most two buckets are in flight, so send and receive buffers stay bounded by
-twice the bucket size. The averaged shards then wait for ``clip_grad_norm_`` and ``step()``.
+shard the step consumes. :meth:`GradientExchange.stage` records where each parameter's local
+gradient is (``.grad`` through :meth:`GradientExchange.collect`, or DDP's bucket during backward
+through the hook) without copying it; once all of a bucket's parameters have arrived, the bucket
+is sent at once, in blocks of ``cols`` columns of its ``(W, S)`` view (:data:`CHUNK_ELEMS`
+elements, all W rows together): each block is copied from the gradients into a pooled send
+buffer (wire dtype, AMP unscaling applied), exchanged (an all-to-all into a pooled receive
+buffer, summed in rank order straight into the shard, or ``reduce_scatter_tensor`` into the shard)
+and averaged. When compressing (``grad_comm="1bit"`` past its warm-up) a bucket is compressed
+block by block (:func:`leo_dist.onebit.compress_grad_stream_`) into a pooled message table and
+sent in one all-to-all, decoded block by block into the shard.
+
+Memory (docs/design.md, "Memory model"): the averaged shards (``4·N/W`` bytes) are allocated once
+and reused every step; besides them at most :data:`MAX_INFLIGHT` pooled (send, receive) pairs of
+``CHUNK_ELEMS`` wire elements exist (2 × 2 × 2 MiB at fp32), plus, for 1-bit, two float32 scratch
+blocks. No step allocates a bucket-sized tensor, and a bucket's gradients are read while the
+call that completes it runs (inside the DDP hook), never later.
 
 Bytes per rank and bucket of ``P`` padded elements: reduce-scatter ``(W−1)/W·P·wire_bytes`` sent
-and received; 1-bit all-to-all ``(W−1)/W·W·(S/8 + 4·⌈S/1024⌉)`` with ``S = P/W``.
+and received (booked as one call per bucket, whatever the number of blocks); 1-bit all-to-all
+``(W−1)/W·W·(S/8 + 4·⌈S/1024⌉)`` with ``S = P/W``.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 from typing import Callable
 
@@ -24,12 +36,15 @@ from .collectives import Comm
 from .partition import Layout
 from .validation import check_grad
 
-__all__ = ["GradientExchange", "WIRE_DTYPES"]
+__all__ = ["GradientExchange", "WIRE_DTYPES", "CHUNK_ELEMS", "MAX_INFLIGHT"]
 
 # grad_comm -> dtype the local gradients are staged in (1bit compresses from float32)
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "1bit": torch.float32}
 
-_MAX_INFLIGHT = 2
+#: elements of one block on the wire, all W rows together (2 MiB of fp32 send buffer)
+CHUNK_ELEMS = 1 << 19
+#: blocks (1-bit: buckets) in flight at once; each holds one pooled send and receive buffer
+MAX_INFLIGHT = 2
 
 
 class GradientExchange:
@@ -42,96 +57,172 @@ class GradientExchange:
         device: where the buffers live.
         compressing: called as each bucket is sent; True to send it 1-bit (``grad_comm="1bit"``
             past its warm-up), False for the exact fp32 exchange.
+        chunk_elems, max_inflight: block size and blocks in flight (memory against overlap).
 
     State kept across steps: ``grad_error`` (``grad_comm="1bit"``: per bucket, float32 ``[P]``, the
-    error feedback of this rank's compressed gradients). Everything else lives for one step and
-    is dropped by :meth:`reset`.
+    error feedback of this rank's compressed gradients), and the reused buffers: the averaged
+    shards (``shards``), the send/receive pool and the 1-bit scratch. :meth:`reset` forgets only
+    which gradients arrived.
     """
 
     def __init__(self, layout: Layout, comm: Comm, grad_comm: str, device: torch.device,
-                 compressing: Callable[[], bool] = lambda: False):
+                 compressing: Callable[[], bool] = lambda: False, chunk_elems: int = CHUNK_ELEMS,
+                 max_inflight: int = MAX_INFLIGHT):
         if grad_comm not in WIRE_DTYPES:
             raise ValueError(f"grad_comm must be one of {sorted(WIRE_DTYPES)}, got {grad_comm!r}")
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         self.layout, self.comm, self.grad_comm, self.device = layout, comm, grad_comm, device
         self.wire = WIRE_DTYPES[grad_comm]
         self.compressing = compressing
+        self.max_inflight = max_inflight
+        w = comm.world
+        # columns of a bucket's (W, S) view per block: a multiple of 1024 (the 1-bit scale runs)
+        self.cols = onebit.block_columns(w, chunk_elems)
+        buckets = layout.buckets
+        self._offsets = [[s.offset for s in b.slots] for b in buckets]
         # error feedback of the 1-bit exchange: allocated up front so that checkpoints always have it
         self.grad_error: dict[int, Tensor] = {
             bi: torch.zeros(b.padded, dtype=torch.float32, device=device)
-            for bi, b in enumerate(layout.buckets)} if grad_comm == "1bit" else {}
+            for bi, b in enumerate(buckets)} if grad_comm == "1bit" else {}
+        max_shard = max((b.shard for b in buckets), default=0)
+        wire_bytes = w * min(self.cols, max_shard) * torch.finfo(self.wire).bits // 8
+        if grad_comm == "1bit":
+            wire_bytes = max(wire_bytes, w * max((onebit.grad_payload_bytes(b.shard) for b in buckets), default=0))
+        self._pair_bytes = wire_bytes
+        self._scratch_numel = 2 * max((onebit.scratch_numel(w, b.shard, self.cols) for b in buckets), default=0)
+        #: the averaged float32 shard of every bucket, allocated at first use and reused
+        self.shards: list[Tensor | None] = [None] * len(buckets)
+        self._free: list[tuple[Tensor, Tensor]] = []
+        self._pairs = 0
+        self._scratch: Tensor | None = None
+        self._inflight: deque[tuple[Callable[[], None], tuple[Tensor, Tensor]]] = deque()
         self.reset()
 
     def reset(self) -> None:
-        """Forget this step's buffers (sent or not)."""
+        """Forget which gradients arrived this step (waiting for anything still in flight)."""
+        while self._inflight:
+            self._finish_oldest()
         n = len(self.layout.buckets)
-        self._send: list[Tensor | None] = [None] * n
-        self._arrived: list[set] = [set() for _ in range(n)]
-        self._pending: list[Callable[[], Tensor] | None] = [None] * n
-        self._shards: list[Tensor | None] = [None] * n
-        self._inflight: deque[int] = deque()
+        self._src: list[dict[int, tuple]] = [{} for _ in range(n)]
+        self._sent = [False] * n
 
     def owns(self, param: Tensor) -> bool:
         return id(param) in self.layout.where
 
     def stage(self, param: Tensor, grad: Tensor | None, inv_scale: Tensor | None = None) -> None:
-        """Copy one parameter's local gradient (None: zeros) into its bucket, times ``inv_scale``
-        (the AMP unscaling) when given; send the bucket once all its parameters have arrived."""
+        """Record one parameter's local gradient (None: zeros), to be sent times ``inv_scale`` (the
+        AMP unscaling) when given; send the bucket once all its parameters have arrived. ``grad``
+        is read before the call that completes its bucket returns, and not kept."""
         bi, slot = self.layout.where[id(param)]
         b = self.layout.buckets[bi]
-        if self._pending[bi] is not None or self._shards[bi] is not None:
+        if self._sent[bi]:
             raise RuntimeError("a gradient arrived for a bucket already sent this step: call step() after "
                                "each backward, or accumulate under ddp_model.no_sync()")
-        if self._send[bi] is None:
-            buf = torch.empty(b.padded, dtype=self.wire, device=self.device)
-            buf[b.numel :].zero_()
-            self._send[bi] = buf
-        dst = self._send[bi][slot.offset : slot.offset + slot.numel]
-        if grad is None:
-            dst.zero_()
-        else:
-            dst.copy_(grad.reshape(-1))
-            if inv_scale is not None:
-                dst.mul_(inv_scale)
-        self._arrived[bi].add(id(slot))
-        if len(self._arrived[bi]) == len(b.slots):
+        self._src[bi][id(slot)] = (None if grad is None else grad.reshape(-1), inv_scale)
+        if len(self._src[bi]) == len(b.slots):
             self._launch(bi)
 
+    # ------------------------------------------------------------------ buffers
+    def _shard(self, bi: int) -> Tensor:
+        if self.shards[bi] is None:
+            self.shards[bi] = torch.empty(self.layout.buckets[bi].shard, dtype=torch.float32, device=self.device)
+        return self.shards[bi]  # type: ignore[return-value]
+
+    def _take(self) -> tuple[Tensor, Tensor]:
+        """A (send, receive) pair of pooled byte buffers, waiting for the oldest block if all are busy."""
+        while not self._free and self._pairs >= self.max_inflight:
+            self._finish_oldest()
+        if self._free:
+            return self._free.pop()
+        self._pairs += 1
+        mk = lambda: torch.empty(self._pair_bytes, dtype=torch.uint8, device=self.device)  # noqa: E731
+        return mk(), mk()
+
+    def _finish_oldest(self) -> None:
+        finish, pair = self._inflight.popleft()
+        finish()
+        self._free.append(pair)
+
+    def _onebit_scratch(self) -> Tensor:
+        if self._scratch is None:
+            self._scratch = torch.empty(self._scratch_numel, dtype=torch.float32, device=self.device)
+        return self._scratch
+
+    # ------------------------------------------------------------------ sending
+    def _fill(self, bi: int, j0: int, j1: int, dst: Tensor) -> None:
+        """``dst`` (``(W, j1 − j0)``, rows contiguous) ← columns ``[j0, j1)`` of bucket ``bi``'s
+        local gradients viewed as ``(W, S)``, unscaled; zeros for missing gradients and padding."""
+        b = self.layout.buckets[bi]
+        src, offsets, slots = self._src[bi], self._offsets[bi], b.slots
+        for r in range(self.comm.world):
+            lo, hi = r * b.shard + j0, r * b.shard + j1
+            row = dst[r]
+            i = max(0, bisect_right(offsets, lo) - 1)
+            while i < len(slots) and slots[i].offset < hi:
+                s = slots[i]
+                i += 1
+                a, e = max(lo, s.offset), min(hi, s.offset + s.numel)
+                if a >= e:
+                    continue
+                piece = row[a - lo : e - lo]
+                g, inv_scale = src[id(s)]
+                if g is None:
+                    piece.zero_()
+                else:
+                    piece.copy_(g[a - s.offset : e - s.offset])
+                    if inv_scale is not None:
+                        piece.mul_(inv_scale)
+            if hi > b.numel:
+                row[max(b.numel, lo) - lo :].zero_()
+
     def _launch(self, bi: int) -> None:
-        while len(self._inflight) >= _MAX_INFLIGHT:
-            self._finish(self._inflight.popleft())
-        b, world = self.layout.buckets[bi], self.comm.world
+        self._sent[bi] = True
+        b, world, shard = self.layout.buckets[bi], self.comm.world, self._shard(bi)
         if self.grad_comm == "1bit" and self.compressing():
-            payload = onebit.compress_grad_(self._send[bi], self.grad_error[bi], world, b.shard, b.numel)
-            recv = torch.empty_like(payload)
-            work = self.comm.all_to_all_start(recv, payload)
+            send_b, recv_b = pair = self._take()
+            pb = onebit.grad_payload_bytes(b.shard)
+            send = send_b[: world * pb].view(world, pb)
+            recv = recv_b[: world * pb].view(world, pb)
+            scratch = self._onebit_scratch()
+            onebit.compress_grad_stream_(lambda j0, j1, xc: self._fill(bi, j0, j1, xc), self.grad_error[bi], send,
+                                         world, b.shard, b.numel, self.cols, scratch)
+            work = self.comm.all_to_all_start(recv, send)
 
-            def averaged() -> Tensor:
+            def finish() -> None:
                 work.wait()
-                return onebit.decode_grad(recv, world, b.shard)
+                onebit.decode_grad(recv, world, b.shard, out=shard, cols=self.cols, scratch=scratch)
+            self._inflight.append((finish, pair))
         else:
-            summed = self.comm.reduce_scatter_start(self._send[bi])
+            self.comm.book_reduce_scatter(b.padded, self.wire)
+            for j0 in range(0, b.shard, self.cols):
+                j1 = min(b.shard, j0 + self.cols)
+                n = world * (j1 - j0)
+                send_b, recv_b = pair = self._take()
+                send = send_b.view(self.wire)[:n].view(world, j1 - j0)
+                recv = recv_b.view(self.wire)[:n].view(world, j1 - j0)
+                self._fill(bi, j0, j1, send)
+                out = shard[j0:j1]
+                summed = self.comm.reduce_scatter_into_start(out, send, recv, count=False)
 
-            def averaged() -> Tensor:
-                total = summed()
-                return total.div_(world) if world > 1 else total  # the only division by W
-        self._pending[bi] = averaged
-        self._inflight.append(bi)
-
-    def _finish(self, bi: int) -> None:
-        self._shards[bi] = self._pending[bi]()
-        self._pending[bi] = None
-        self._send[bi] = None
+                def finish(summed=summed, out=out) -> None:
+                    summed()
+                    if world > 1:
+                        out.div_(world)  # the only division by W
+                self._inflight.append((finish, pair))
+        self._src[bi] = {}  # every gradient of the bucket has been read
 
     def collect(self) -> list[Tensor]:
-        """The averaged gradient shard of every bucket (float32, ``bucket.shard`` elements each),
-        staging from ``.grad`` and sending whatever the DDP hook has not already sent."""
+        """The averaged gradient shard of every bucket (float32, ``bucket.shard`` elements each;
+        the same tensors every step), staging from ``.grad`` and sending whatever the DDP hook has
+        not already sent."""
         for bi, b in enumerate(self.layout.buckets):
-            if self._pending[bi] is None and self._shards[bi] is None:
+            if not self._sent[bi]:
                 for s in b.slots:
-                    if id(s) not in self._arrived[bi]:
+                    if id(s) not in self._src[bi]:
                         if s.param.grad is not None:
                             check_grad(s.param)
                         self.stage(s.param, s.param.grad)
         while self._inflight:
-            self._finish(self._inflight.popleft())
-        return self._shards  # type: ignore[return-value]
+            self._finish_oldest()
+        return [self._shard(bi) for bi in range(len(self.layout.buckets))]

@@ -13,6 +13,12 @@ Then the update travels (per matrix bucket of shard ``S``):
 * ``update_comm="1bit"``: one all-reduce of one float per matrix row (the row scales), then one
   all-gather of ``S/8 + 8`` bytes of packed signs per rank (zero bitmaps only when needed), with
   an error-feedback buffer on the owner (see :mod:`leo_dist.onebit`).
+
+Memory: ``c`` and then ``u`` are formed in place in the averaged gradient shard (which the step
+consumes), block by block with one reused float32 scratch block of :data:`BLOCK_ELEMS`
+elements; the exact update is all-gathered a block of columns at a time into one reused buffer
+and applied piece by piece. So the transients of a matrix step are O(block), not O(bucket).
+Chunking changes only the order of the float32 sums of squares (row, column, ``Σu²``).
 """
 from __future__ import annotations
 
@@ -22,37 +28,80 @@ import torch
 from torch import Tensor
 
 from .collectives import Comm
-from .functional import apply_update_, interpolate, leo_scale, update_momentum_
+from .functional import apply_update_, leo_scale, update_momentum_
 from .packing import HEADER_BYTES, bit_slice, pack_mask, pack_signs, unpack_signs
 from .partition import Layout, MatrixSlice, NormLayout, rows_cols_pieces
 from .signs import apply_to, gather_signs
 
-__all__ = ["MatrixStep", "add_row_col_sumsq_", "direction_"]
+__all__ = ["MatrixStep", "add_row_col_sumsq_", "direction_", "momentum_and_c_", "BLOCK_ELEMS"]
+
+#: elements of the reused float32 scratch block of a matrix step (1 MiB)
+BLOCK_ELEMS = 1 << 18
 
 
-def add_row_col_sumsq_(x: Tensor, sl: MatrixSlice, layout: NormLayout, buf: Tensor) -> None:
-    """Add the squares of ``x`` (float32, the slice's ``c``) to its matrix's row/column sums in ``buf``."""
+def _blocks(piece: Tensor, block: int):
+    """``(sub, i, j)``: 2-D sub-views of ``piece`` of at most ``block`` elements (whole rows
+    when a row fits), ``sub[a, b]`` being ``piece[i + a, j + b]``."""
+    h, w = piece.shape
+    if w <= block:
+        step = max(1, block // w)
+        for i in range(0, h, step):
+            yield piece[i : i + step], i, 0
+    else:
+        for i in range(h):
+            for j in range(0, w, block):
+                yield piece[i : i + 1, j : j + block], i, j
+
+
+def _scratch_like(sub: Tensor, scratch: Tensor | None) -> Tensor:
+    if scratch is None:
+        return torch.empty(sub.shape, dtype=torch.float32, device=sub.device)
+    return scratch[: sub.numel()].view(sub.shape)
+
+
+def add_row_col_sumsq_(x: Tensor, sl: MatrixSlice, layout: NormLayout, buf: Tensor,
+                       scratch: Tensor | None = None, block: int = BLOCK_ELEMS) -> None:
+    """Add the squares of ``x`` (float32, the slice's ``c``) to its matrix's row/column sums in ``buf``.
+
+    Works a block of at most ``block`` elements at a time in ``scratch`` (float32, ``block``
+    elements; allocated per block if None)."""
     rows, cols = layout.rows(buf, sl.matrix), layout.cols(buf, sl.matrix)
     for piece, r, c in rows_cols_pieces(x, sl.start, sl.cols):
-        sq = piece.square()
-        h, w = piece.shape
-        rows[r : r + h] += sq.sum(dim=1)
-        cols[c : c + w] += sq.sum(dim=0)
+        for sub, i, j in _blocks(piece, block):
+            sq = torch.square(sub, out=_scratch_like(sub, scratch))
+            h, w = sub.shape
+            rows[r + i : r + i + h] += sq.sum(dim=1)
+            cols[c + j : c + j + w] += sq.sum(dim=0)
 
 
-def direction_(x: Tensor, sl: MatrixSlice, layout: NormLayout, norms: Tensor, eps: float) -> Tensor:
+def direction_(x: Tensor, sl: MatrixSlice, layout: NormLayout, norms: Tensor, eps: float,
+               scratch: Tensor | None = None, block: int = BLOCK_ELEMS) -> Tensor:
     """Overwrite ``x`` (the slice's ``c``) with ``u = c/(r+eps) + c/(k+eps)`` from complete norms.
 
-    Returns ``Σu²`` over the slice as a 0-d float32 tensor.
+    Returns ``Σu²`` over the slice as a 0-d float32 tensor. ``scratch``/``block`` as for
+    :func:`add_row_col_sumsq_`; ``u`` has the bits of the unblocked formula.
     """
     rows, cols = layout.rows(norms, sl.matrix), layout.cols(norms, sl.matrix)
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     for piece, r, c in rows_cols_pieces(x, sl.start, sl.cols):
-        h, w = piece.shape
-        u = piece / (rows[r : r + h, None] + eps) + piece / (cols[None, c : c + w] + eps)
-        piece.copy_(u)
-        total += u.square().sum()
+        for sub, i, j in _blocks(piece, block):
+            h, w = sub.shape
+            t = torch.div(sub, rows[r + i : r + i + h, None] + eps, out=_scratch_like(sub, scratch))
+            sub.div_(cols[None, c + j : c + j + w] + eps).add_(t)   # c/(k+eps) + c/(r+eps): the same sum
+            total += torch.square(sub, out=t).sum()
     return total
+
+
+def momentum_and_c_(g: Tensor, m: Tensor, beta1: float, beta2: float, scratch: Tensor | None = None,
+                    block: int = BLOCK_ELEMS) -> Tensor:
+    """``g ← c = interpolate(m, g, β1)`` and ``update_momentum_(m, g, β2)``, from the same ``g``,
+    block by block (``scratch``: float32, ``block`` elements). Returns ``g`` (now ``c``)."""
+    for a in range(0, g.numel(), block):
+        gb, mb = g[a : a + block], m[a : a + block]
+        t = torch.lerp(gb, mb.float(), beta1, out=_scratch_like(gb, scratch))  # = interpolate(mb, gb, beta1)
+        update_momentum_(mb, gb, beta2)
+        gb.copy_(t)
+    return g
 
 
 class MatrixStep:
@@ -76,31 +125,38 @@ class MatrixStep:
         if update_comm == "1bit":
             for bi in self.buckets:
                 self.update_error[bi] = torch.zeros(layout.buckets[bi].shard, dtype=torch.float32, device=device)
+        self._scratch: Tensor | None = None
+        self._gather: Tensor | None = None
+
+    def _block(self) -> Tensor:
+        if self._scratch is None:
+            self._scratch = torch.empty(BLOCK_ELEMS, dtype=torch.float32, device=self.device)
+        return self._scratch
 
     def step(self, groups: list[dict[str, Any]], shards: list[Tensor], exp_avgs: list[Tensor]) -> None:
         """Step every matrix bucket; ``shards``/``exp_avgs`` are indexed by bucket (averaged float32
-        gradient shards, read only; momentum shards, updated in place). Two small all-reduces for
-        all matrices together, then the update exchange."""
+        gradient shards, consumed: overwritten with ``c``, then the update; momentum shards,
+        updated in place). Two small all-reduces for all matrices together, then the update
+        exchange."""
         if not self.buckets:
             return
         layout, norms_at = self.layout, self.layout.norms
         group_of = lambda bi: groups[layout.buckets[bi].group_index]  # noqa: E731
+        scratch = self._block()
         sumsq = torch.zeros(norms_at.size, dtype=torch.float32, device=self.device)
         cs: dict[int, Tensor] = {}
         for bi in self.buckets:
             beta1, beta2 = group_of(bi)["betas"]
-            g, m = shards[bi], exp_avgs[bi]
-            cs[bi] = interpolate(m, g, beta1)
-            update_momentum_(m, g, beta2)
+            cs[bi] = momentum_and_c_(shards[bi], exp_avgs[bi], beta1, beta2, scratch)
             for _, sl, x in layout.owned_views(bi, cs[bi]):
-                add_row_col_sumsq_(x, sl, norms_at, sumsq)
+                add_row_col_sumsq_(x, sl, norms_at, sumsq, scratch)
         self.comm.all_reduce(sumsq)
         norms = sumsq.sqrt_()
         usq = torch.zeros(len(layout.matrix_numel), dtype=torch.float32, device=self.device)
         for bi in self.buckets:
             eps = group_of(bi)["eps"]
             for _, sl, x in layout.owned_views(bi, cs[bi]):
-                usq[sl.matrix] += direction_(x, sl, norms_at, norms, eps)
+                usq[sl.matrix] += direction_(x, sl, norms_at, norms, eps, scratch)
         self.comm.all_reduce(usq)
         for bi in self.buckets:
             b, group = layout.buckets[bi], group_of(bi)
@@ -111,13 +167,37 @@ class MatrixStep:
             self._send_1bit(group_of, cs)
             return
         for bi in self.buckets:
-            b, group = layout.buckets[bi], group_of(bi)
-            full = torch.empty(self.comm.world * b.shard, dtype=b.dtype, device=self.device)
-            self.comm.all_gather(full, cs.pop(bi).to(b.dtype))
-            for s in b.slots:
-                if s.numel:
-                    upd = full[s.offset : s.offset + s.numel]
-                    apply_to(s.param, lambda p: apply_update_(p, upd, group["lr"], group["weight_decay"]))
+            self._send_exact(layout.buckets[bi], group_of(bi), cs.pop(bi))
+
+    def _send_exact(self, b, group: dict[str, Any], u: Tensor) -> None:
+        """All-gather this rank's update shard ``u`` (float32 ``[S]``) in the parameter dtype, a
+        block of columns at a time into one reused buffer, and apply each block to the
+        parameters it covers (the same arithmetic, element by element, as one whole update)."""
+        world, comm = self.comm.world, self.comm
+        cols = max(8, BLOCK_ELEMS // world // 8 * 8)
+        esize = torch.finfo(b.dtype).bits // 8
+        if self._gather is None or self._gather.numel() < world * min(cols, b.shard) * esize:
+            self._gather = torch.empty(world * min(cols, max(x.shard for x in self.layout.buckets)) * esize,
+                                       dtype=torch.uint8, device=self.device)
+        if comm.distributed:
+            moved = (world - 1) * b.shard * esize
+            comm.book("all_gather", b.shard * esize, world * b.shard * esize, moved, moved)
+        lr, wd = group["lr"], group["weight_decay"]
+        for j0 in range(0, b.shard, cols):
+            j1 = min(b.shard, j0 + cols)
+            c = j1 - j0
+            full = self._gather.view(b.dtype)[: world * c].view(world, c)
+            mine = u[j0:j1] if b.dtype == torch.float32 else u[j0:j1].to(b.dtype)
+            comm.all_gather_uncounted(full.view(-1), mine)
+            for r in range(world):
+                lo, hi = r * b.shard + j0, r * b.shard + j1
+                for s in b.slots:
+                    a, e = max(lo, s.offset), min(hi, s.offset + s.numel)
+                    if a >= e:
+                        continue
+                    upd = full[r, a - lo : e - lo]
+                    pa, pe = a - s.offset, e - s.offset
+                    apply_to(s.param, lambda p: apply_update_(p.view(-1)[pa:pe], upd, lr, wd))
 
     def _send_1bit(self, group_of: Callable[[int], dict[str, Any]], updates: dict[int, Tensor]) -> None:
         """Send Leo's matrix updates as ``α_row·sign(e)`` with error feedback (see :mod:`leo_dist.onebit`).

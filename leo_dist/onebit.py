@@ -11,8 +11,16 @@ whatever W. The error buffer costs 4 bytes per parameter per rank.
 ``sign(e)`` travels as bits with a per-row scale ``α_i = mean_j |e_ij|``; the row sums are
 completed with an all-reduce of R floats per matrix, so every rank knows every ``α`` without
 sending it, and applies ``α_i·sign``. The owner keeps ``e − α·sign(e)`` for the next step.
+
+Memory: the gradient codecs stream the ``(world, shard)`` view of a bucket a block of ``cols``
+columns at a time (a multiple of ``GRAD_CHUNK``, so every scale run lies in one block), with two
+``world × cols`` float32 scratch blocks: no temporary the size of the bucket. The bits are the
+same as a whole-bucket computation's (every value is computed by the same element-wise op or the
+same 1024-element sum).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -20,9 +28,13 @@ from torch import Tensor
 from .collectives import sum_in_rank_order
 from .packing import pack_signs, unpack_signs
 
-__all__ = ["GRAD_CHUNK", "grad_payload_bytes", "compress_grad_", "decode_grad"]
+__all__ = ["GRAD_CHUNK", "grad_payload_bytes", "compress_grad_", "compress_grad_stream_", "decode_grad",
+           "block_columns", "scratch_numel"]
 
 GRAD_CHUNK = 1024
+
+# Default elements of one streamed block (all ``world`` rows together): 1 MiB of float32.
+_BLOCK_ELEMS = 1 << 18
 
 
 def _chunks(shard: int) -> int:
@@ -34,53 +46,131 @@ def grad_payload_bytes(shard: int) -> int:
     return shard // 8 + 4 * _chunks(shard)
 
 
-def compress_grad_(x: Tensor, err: Tensor, world: int, shard: int, valid: int) -> Tensor:
+def block_columns(world: int, elems: int = _BLOCK_ELEMS) -> int:
+    """Columns of a ``(world, shard)`` bucket view per streamed block of about ``elems``
+    elements: a positive multiple of ``GRAD_CHUNK``."""
+    return max(GRAD_CHUNK, elems // max(1, world) // GRAD_CHUNK * GRAD_CHUNK)
+
+
+def scratch_numel(world: int, shard: int, cols: int) -> int:
+    """float32 elements of one scratch block for a shard of ``shard`` and blocks of ``cols``."""
+    return world * min(cols, _chunks(shard) * GRAD_CHUNK)
+
+
+def _blocks(shard: int, cols: int):
+    for j0 in range(0, shard, cols):
+        yield j0, min(shard, j0 + cols)
+
+
+def _valid_cols(world: int, shard: int, valid: int, j0: int, c: int):
+    """Per row r, how many of columns [j0, j0 + c) belong to parameters (the rest is end padding)."""
+    return [max(0, min(c, valid - r * shard - j0)) for r in range(world)]
+
+
+def compress_grad_stream_(fill: Callable[[int, int, Tensor], None], err: Tensor, out: Tensor, world: int,
+                          shard: int, valid: int, cols: int | None = None, scratch: Tensor | None = None) -> Tensor:
+    """:func:`compress_grad_` reading the local gradient block by block from ``fill``.
+
+    ``fill(j0, j1, xc)`` writes columns ``[j0, j1)`` of the local gradient bucket viewed as
+    ``(world, shard)`` into ``xc`` (float32 ``(world, j1 − j0)``, rows contiguous). ``out`` is
+    the uint8 ``[world, grad_payload_bytes(shard)]`` message table (returned), ``err`` as for
+    :func:`compress_grad_`. ``cols``: block width (a multiple of ``GRAD_CHUNK``; default
+    :func:`block_columns`). ``scratch``: float32, at least ``2·scratch_numel(...)`` elements
+    (allocated if None). The bits are those of :func:`compress_grad_`.
+    """
+    cols = block_columns(world) if cols is None else cols
+    if cols <= 0 or cols % GRAD_CHUNK:
+        raise ValueError(f"cols must be a positive multiple of {GRAD_CHUNK}, got {cols}")
+    nb = shard // 8
+    width = scratch_numel(world, shard, cols)
+    if scratch is None:
+        scratch = torch.empty(2 * width, dtype=torch.float32, device=err.device)
+    ev = err.view(world, shard)
+    dev = err.device
+    rows = torch.arange(world, device=dev)[:, None] * shard
+    for j0, j1 in _blocks(shard, cols):
+        c = j1 - j0
+        k0, k = j0 // GRAD_CHUNK, _chunks(c)
+        cp = k * GRAD_CHUNK
+        x = scratch[: world * cp].view(world, cp)
+        t = scratch[width : width + world * cp].view(world, cp)
+        xs = x[:, :c]
+        fill(j0, j1, xs)
+        if cp != c:
+            x[:, c:].zero_()
+        xs.add_(ev[:, j0:j1])
+        nvalid = _valid_cols(world, shard, valid, j0, c)
+        for r, nv in enumerate(nvalid):
+            if nv < c:
+                xs[r, nv:].zero_()
+        # per run of GRAD_CHUNK: mean magnitude over the elements that belong to parameters
+        torch.abs(x, out=t)
+        sums = t.view(world, k, GRAD_CHUNK).sum(dim=2)
+        ks = torch.arange(k0, k0 + k, device=dev)
+        starts = rows + ks[None, :] * GRAD_CHUNK
+        lengths = (shard - ks * GRAD_CHUNK).clamp(max=GRAD_CHUNK)[None, :]
+        counts = (valid - starts).clamp(min=0).minimum(lengths).float()
+        scales = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
+        # decoded = sign·scale (sign = +1 where x > 0, else −1); err ← x − decoded
+        t.fill_(-1.0).masked_fill_(x > 0, 1.0)
+        t.view(world, k, GRAD_CHUNK).mul_(scales[:, :, None])
+        ec = ev[:, j0:j1]
+        ec.copy_(xs).sub_(t[:, :c])
+        for r, nv in enumerate(nvalid):
+            if nv < c:
+                ec[r, nv:].zero_()
+            pack_signs(xs[r], out[r, j0 // 8 : j1 // 8])
+        out[:, nb + 4 * k0 : nb + 4 * (k0 + k)].copy_(scales.contiguous().view(torch.uint8).view(world, -1))
+    return out
+
+
+def compress_grad_(x: Tensor, err: Tensor, world: int, shard: int, valid: int, cols: int | None = None) -> Tensor:
     """Compress a local gradient bucket for the all-to-all, with error feedback.
 
     Args:
-        x: float32 ``[world·shard]``, the local gradient bucket; overwritten (scratch).
+        x: float32 ``[world·shard]``, the local gradient bucket (read; the caller may treat it as
+            scratch).
         err: float32 ``[world·shard]`` error buffer, updated in place: ``err ← (x+err) − decoded``.
         valid: elements that belong to parameters (the end padding is kept at zero).
+        cols: block width of the streaming (see :func:`compress_grad_stream_`).
 
     Returns uint8 ``[world, grad_payload_bytes(shard)]``: row ``r`` is owner ``r``'s message,
     ``shard/8`` bytes of sign bits (set where ``x+err > 0``) then the chunk scales as float32.
     """
-    x.add_(err)
-    x[valid:] = 0
-    n_chunks = _chunks(shard)
-    padded = n_chunks * GRAD_CHUNK
-    xs = x.view(world, shard)
-    sums = torch.zeros(world, padded, dtype=torch.float32, device=x.device)
-    sums[:, :shard] = xs.abs()
-    sums = sums.view(world, n_chunks, GRAD_CHUNK).sum(dim=2)
-    # Elements per chunk that belong to parameters, so that the end padding does not dilute the mean.
-    starts = (torch.arange(world, device=x.device)[:, None] * shard
-              + torch.arange(n_chunks, device=x.device)[None, :] * GRAD_CHUNK)
-    lengths = (shard - torch.arange(n_chunks, device=x.device) * GRAD_CHUNK).clamp(max=GRAD_CHUNK)[None, :]
-    counts = (valid - starts).clamp(min=0).minimum(lengths).float()
-    scales = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
-    sign = torch.where(xs > 0, 1.0, -1.0)
-    decoded = sign * scales.repeat_interleave(GRAD_CHUNK, dim=1)[:, :shard]
-    err.copy_((xs - decoded).view(-1))
-    err[valid:] = 0
     out = torch.empty(world, grad_payload_bytes(shard), dtype=torch.uint8, device=x.device)
-    nb = shard // 8
-    for r in range(world):
-        pack_signs(xs[r], out[r, :nb])
-    out[:, nb:].copy_(scales.contiguous().view(torch.uint8).view(world, -1))
-    return out
+    xv = x.view(world, shard)
+    return compress_grad_stream_(lambda j0, j1, xc: xc.copy_(xv[:, j0:j1]), err, out, world, shard, valid, cols)
 
 
-def decode_grad(recv: Tensor, world: int, shard: int) -> Tensor:
+def decode_grad(recv: Tensor, world: int, shard: int, out: Tensor | None = None, cols: int | None = None,
+                scratch: Tensor | None = None) -> Tensor:
     """Average the ``world`` messages an owner received: float32 ``[shard]``.
 
     ``recv`` is uint8 ``[world, grad_payload_bytes(shard)]``, row ``r`` from rank ``r``. The sum
-    runs in rank order, so every owner computes it the same way.
+    runs in rank order, so every owner computes it the same way. ``out`` (float32 ``[shard]``),
+    if given, receives the result; ``scratch`` (float32, ``scratch_numel(...)`` elements) is the
+    block buffer (allocated if None).
     """
+    cols = block_columns(world) if cols is None else cols
+    if cols <= 0 or cols % GRAD_CHUNK:
+        raise ValueError(f"cols must be a positive multiple of {GRAD_CHUNK}, got {cols}")
     nb = shard // 8
     n_chunks = _chunks(shard)
-    signs = unpack_signs(recv[:, :nb].contiguous().view(-1), world * shard).view(world, shard)
-    # a fresh copy: the float32 view needs 4-byte aligned storage
+    # a fresh copy (4 bytes per GRAD_CHUNK elements): the float32 view needs 4-byte aligned storage
     scales = recv[:, nb:].reshape(-1).clone().view(torch.float32).view(world, n_chunks)
-    vals = signs * scales.repeat_interleave(GRAD_CHUNK, dim=1)[:, :shard]
-    return sum_in_rank_order(vals).div_(world)
+    if out is None:
+        out = torch.empty(shard, dtype=torch.float32, device=recv.device)
+    if scratch is None:
+        scratch = torch.empty(scratch_numel(world, shard, cols), dtype=torch.float32, device=recv.device)
+    for j0, j1 in _blocks(shard, cols):
+        c = j1 - j0
+        k0, k = j0 // GRAD_CHUNK, _chunks(c)
+        cp = k * GRAD_CHUNK
+        v = scratch[: world * cp].view(world, cp)
+        for r in range(world):
+            v[r, :c].copy_(unpack_signs(recv[r, j0 // 8 : j1 // 8], c))
+        if cp != c:
+            v[:, c:].zero_()
+        v.view(world, k, GRAD_CHUNK).mul_(scales[:, k0 : k0 + k, None])
+        sum_in_rank_order(v[:, :c], out=out[j0:j1])
+    return out.div_(world)
