@@ -115,7 +115,11 @@ def compress_grad_stream_(fill: Callable[[int, int, Tensor], None], err: Tensor,
         t.fill_(-1.0).masked_fill_(x > 0, 1.0)
         t.view(world, k, GRAD_CHUNK).mul_(scales[:, :, None])
         ec = ev[:, j0:j1]
-        ec.copy_(xs).sub_(t[:, :c])
+        new = t[:, :c]
+        torch.sub(xs, new, out=new)
+        # a non-finite gradient (or the NaN/inf scale of its chunk) never enters the residual: those
+        # elements keep their error, and the owner sees the non-finite scale and skips the step
+        ec.copy_(torch.where(torch.isfinite(new), new, ec))
         for r, nv in enumerate(nvalid):
             if nv < c:
                 ec[r, nv:].zero_()

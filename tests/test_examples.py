@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_gpt.py"
-TIMEOUT_S = 150
+TIMEOUT_S = 300
 STEPS, HALF = 20, 10
 SMALL = ["--n-layer", "1", "--n-embd", "64", "--block-size", "32", "--batch-size", "8", "--grad-accum", "2",
          "--steps", str(STEPS), "--warmup", "4", "--max-chars", "200000", "--log-every", "5"]

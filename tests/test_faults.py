@@ -30,7 +30,7 @@ import leo_dist
 from conftest import _worker
 from dist_util import groups_for, local_grad, make_params
 
-PG_TIMEOUT_S = 5.0
+PG_TIMEOUT_S = 10.0
 DIED = 17  # exit code of the rank that dies
 # What a message must contain to name each phase (any one of the alternatives).
 PHASE_WORDS = {

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks", "topology"))
 import testbed  # noqa: E402
 
 STEPS = 24
-TIMEOUT_S = 75
+TIMEOUT_S = 150
 N_PARAMS_TINY = 437_760  # launch/gpt.py preset "tiny"
 
 
@@ -38,7 +38,8 @@ def test_run_multinode_gloo_two_namespaces(tmp_path, why_not):
     logs = [str(tmp_path / f"node{i}.log") for i in range(2)]
     with testbed.Testbed(p) as tb:
         env = [dict(NNODES="2", NPROC_PER_NODE="2", BACKEND="gloo", RDZV_ENDPOINT=p.rdzv_endpoint(by_name=True),
-                    RDZV_ID=f"test_{os.getpid()}", OMP_NUM_THREADS="1") for _ in range(2)]
+                    RDZV_ID=f"test_{os.getpid()}", OMP_NUM_THREADS="1",
+                    TORCHRUN=os.path.join(os.path.dirname(sys.executable), "torchrun")) for _ in range(2)]
         argv = [[os.path.join(ROOT, "launch", "run_multinode.sh"), "--preset", "tiny", "--steps", str(STEPS),
                  "--optimizer", "sharded_lion", "--grad-comm", "bf16", "--batch-size", "8", "--log-interval", "4",
                  "--eval-interval", "0", "--eval-batches", "2", "--dist-timeout", "60", "--no-progress",
