@@ -151,7 +151,7 @@ def cost_model(mode: str, n: int, world: int, opt_sent: float) -> float:
     DDP: all-reduce 2(W−1)/W·4n per rank. FSDP2: each all-gather (W−1)/W·(param bytes) per rank,
     two per step when resharding after forward (forward and backward), one otherwise; the
     reduce-scatter (W−1)/W·4n per rank with the all-to-all, 2(W−1)/W·4n with gloo's own (it is an
-    all-reduce in disguise, SPEC §5). leo_dist's own collectives as leo_dist counts them.
+    all-reduce in disguise, docs/design.md, phase 1). leo_dist's own collectives as leo_dist counts them.
     """
     f = (world - 1) / world
     if mode == "ddp":

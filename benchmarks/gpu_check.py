@@ -14,7 +14,7 @@ the run goes on; the exit status is 1 when any check failed):
 3. **nccl**: ShardedLion / ShardedLeo on NCCL against the single-process optimizer fed the averaged
    gradients (dyadic gradients, so the reduction is exact): world 1 on one GPU in this process,
    and every visible GPU via torch.multiprocessing when there are several. Sign paths bitwise,
-   Leo's matrices within 2e-6 relative (SPEC §4), replicas checked with ``verify_replicas()``.
+   Leo's matrices within 2e-6 relative (as in the CPU tests), replicas checked with ``verify_replicas()``.
 4. **memory**: ``torch.cuda.max_memory_allocated`` above the baseline of benchmarks/memory.py's
    configurations (DDP + Lion, ShardedLion standalone, DDP + hook with ShardedLion/ShardedLeo).
 5. **sync_debug**: one training step of each sharded optimizer (standalone and under the DDP hook)
@@ -65,7 +65,7 @@ class Record:
 @dataclass(frozen=True)
 class Tolerance:
     """``bitwise`` or ``|a − b| ≤ atol + rtol·|b|`` elementwise (torch.testing.assert_close's rule), or
-    ``max|a − b| / max|b| ≤ rel`` (SPEC §4's relative error)."""
+    ``max|a − b| / max|b| ≤ rel`` (the tests' relative error)."""
     bitwise: bool = False
     rtol: float = 0.0
     atol: float = 0.0
@@ -81,7 +81,7 @@ class Tolerance:
 
 SIGN = Tolerance(bitwise=True)
 KERNEL_MATRIX = Tolerance(rtol=1e-6, atol=1e-8)  # tests/test_kernels.py, fused vs unfused Leo 2-D
-SHARDED_MATRIX = Tolerance(rel=2e-6)  # SPEC §4: sharded vs single-process, fp32 rounding
+SHARDED_MATRIX = Tolerance(rel=2e-6)  # as in the CPU tests: sharded vs single-process, fp32 rounding
 
 
 def compare(a: torch.Tensor, ref: torch.Tensor, tol: Tolerance) -> tuple[bool, float, float]:
@@ -360,7 +360,7 @@ def check_memory(world: int, params: str, steps: int) -> list[Record]:
         ok = None if r.config == memory.REFERENCE else (ratio is not None and ratio < 1.0)
         out.append(Record("memory", f"{r.config} W={world} {r.params / 1e6:.0f}M", ok, r.peak_units, "×4N",
                           f"max_memory_allocated above baseline {max(r.peak_above_baseline) / 2**20:.0f} MiB; "
-                          f"{'' if ratio is None else f'{ratio:.3f}× DDP+Lion (must be < 1, SPEC §4); '}"
+                          f"{'' if ratio is None else f'{ratio:.3f}× DDP+Lion (must be < 1); '}"
                           f"momentum {r.momentum_units:.3f}×4N", {"per_rank": r.peak_above_baseline}))
     return out
 

@@ -1,4 +1,4 @@
-"""Peak memory per rank of a training step: plain DDP + Lion against leo_dist (SPEC §4 "Memory").
+"""Peak memory per rank of a training step: plain DDP + Lion against leo_dist (docs/design.md, "Memory model").
 
 A stack of square Linear layers (``--params 50M`` → 12 × Linear(2041, 2041), 49.99M parameters;
 ``200M`` → 12 × Linear(4082, 4082), 199.99M; any count N gets 12 layers of width ⌊√(N/12)⌋ up to

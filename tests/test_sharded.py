@@ -278,16 +278,8 @@ def test_mixed_dtypes_get_separate_buckets_and_match_oracle():
 def _native_reduce_scatter(rank, world, kind, wire):
     import os
     os.environ["LEO_DIST_REDUCE_SCATTER"] = "native"  # NCCL's branch: reduce_scatter_tensor (gloo has it)
-    params = make_params()
-    cls = leo_dist.ShardedLeo if kind == "leo" else leo_dist.ShardedLion
-    opt = cls(groups_for(params, kind), bucket_mb=1e-4, grad_comm=wire)
-    hashes = []
-    for step in range(STEPS):
-        for p in params:
-            p.grad = local_grad(step, rank, p.shape, False)
-        opt.step()
-        hashes.append(params_hash(params))
-    return [p.detach().clone() for p in params], hashes, opt.comm_stats()["last_step"]
+    out = _train(rank, world, kind, STEPS, False, 1e-4, wire)
+    return out["params"], out["hashes"], out["stats"]["last_step"]
 
 
 @pytest.mark.parametrize("world", [2, 3])

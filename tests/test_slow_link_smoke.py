@@ -34,7 +34,7 @@ def test_registry_names_and_lookup():
 
 
 def test_cost_model_matches_spec_table_at_large_world():
-    # One big matrix: no bucket headers or 1-D tensors to blur the per-element ratios of SPEC §2.
+    # One big matrix: no bucket headers or 1-D tensors to blur the per-element ratios of docs/design.md.
     shapes = configs.Shapes(((8192, 8192),), (True,))
     w = 1024
     ddp = configs.REGISTRY["ddp_adamw"].model_bytes(shapes, w)

@@ -1,4 +1,4 @@
-"""Bounded transients (SPEC §4 "Memory"): after the first step no step of a sharded optimizer
+"""Bounded transients (docs/design.md, "Memory model"): after the first step no step of a sharded optimizer
 allocates a bucket-sized tensor, standalone or under the DDP hook.
 
 Every tensor that an aten op creates with fresh storage while a step (or, with the hook, a

@@ -2,10 +2,10 @@
 
 A configuration says how one data-parallel training step is wired (DDP or not, which hook,
 which optimizer) and how many bytes per rank that wiring should put on the wire (the ideal ring
-or direct algorithm of SPEC §2, per rank and step, fp32 parameters). Adding a scheme is one
+or direct algorithm of docs/design.md, per rank and step, fp32 parameters). Adding a scheme is one
 ``register(Config(...))``; the driver, the table, the plots and the projection pick it up.
 
-Configurations that need a part of leo_dist that is not there yet (the compressed modes of SPEC
+Configurations that need a part of leo_dist that is not there yet (the compressed modes of docs/design.md
 §2) are registered too: ``Config.unavailable()`` says why they cannot run, and the driver skips
 them with that reason until the library grows the mode, after which they join the table unchanged.
 """
@@ -216,7 +216,7 @@ def cost_leo_leo_bf16(shapes, world):
 
 
 def cost_leo_1bit_grads(shapes, world):
-    # SPEC §2: signs with one fp32 scale per 1024-element chunk, delivered by an all-to-all.
+    # docs/design.md: signs with one fp32 scale per 1024-element chunk, delivered by an all-to-all.
     return _leo_phases(shapes, world, 1 / 8 + 4 / 1024, leo=False)
 
 
@@ -327,7 +327,7 @@ register(Config("leo_leo_bf16", "ShardedLeo, bf16 grads, exact matrix updates", 
 register(Config("leo_leo_fp32", "ShardedLeo, fp32 grads, exact matrix updates", "leo", "leo",
                 _sharded("leo", "fp32", False), cost_leo_leo_fp32, leo_dist=True, probe=_probe_sharded("leo", "fp32"),
                 default=False))
-# The compressed modes of SPEC §2: skipped with the library's own reason until they exist.
+# The compressed modes of docs/design.md: skipped with the library's own reason until they exist.
 register(Config("leo_lion_1bit", "ShardedLion, 1-bit grads (error feedback)", "lion", "lion-1bit",
                 _sharded("lion", "1bit", False), cost_leo_1bit_grads, lossy=True, leo_dist=True,
                 probe=_probe_sharded("lion", "1bit")))

@@ -7,7 +7,7 @@ Model of one step's communication for scheme ``c`` with W ranks and N parameters
     t_comm = κ_c · bytes_c(N, W) / B  +  calls_c(N) · ⌈log2 W⌉ · α
 
 ``bytes_c`` is the cost model of configs.py (bytes each rank sends per step under the ideal ring /
-direct algorithms of SPEC §2), ``calls_c`` the number of collective calls (one per bucket and
+direct algorithms of docs/design.md), ``calls_c`` the number of collective calls (one per bucket and
 collective kind), ``B`` the link rate, ``α`` the latency of one message hop, ``κ_c`` how much longer
 than line rate the scheme's bytes actually take (1 = perfect; it absorbs headers, TCP dynamics,
 gloo's algorithms and whatever does not overlap).
