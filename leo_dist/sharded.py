@@ -21,12 +21,12 @@ floats and send their update in the parameter dtype (``update_comm="exact"``) or
 all-reduce of one float per row (``"1bit"``). Every rank decodes and applies the same bytes with
 the same arithmetic, so replicas stay bitwise identical.
 
-A parameter whose ``.grad`` is None on a rank contributes a zero gradient (the sharded step
-cannot skip a parameter unless every rank agrees it has no gradient; unlike the single-process
-optimizers it still decays and its momentum still moves).
+A parameter with ``requires_grad=False`` is not held; one whose gradient is None on every rank is
+left untouched in a step; one with a gradient on some ranks only is averaged with zeros.
 
-Transient memory: at most two buckets' send and receive buffers at once, plus the float32
-gradient shards (N/W elements) between the exchange and the step.
+Transient memory: the float32 gradient shards (N/W elements, allocated once and reused), plus
+fixed-size blocks of the exchange (``exchange.CHUNK_ELEMS``, ``MAX_INFLIGHT``); see docs/design.md,
+"Memory model".
 """
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ from .validation import (check_hyperparameters, check_momentum_dtype, check_para
                          check_same_options_everywhere)
 
 __all__ = ["ShardedLion", "ShardedLeo"]
+
+_CHECK_BLOCK = 1 << 18  # elements per block of the non-finite check (a 256 KiB bool temporary)
 
 
 class _ShardedOptimizer(Optimizer):
@@ -238,7 +240,8 @@ class _ShardedOptimizer(Optimizer):
         is non-finite on any rank, and the held parameters that no rank has a gradient for."""
         flags = torch.zeros(1 + len(self._held), dtype=torch.float32, device=self._device)
         for s in shards:
-            flags[0] = torch.maximum(flags[0], (~torch.isfinite(s)).any().float())
+            for i in range(0, s.numel(), _CHECK_BLOCK):  # blocks: no shard-sized temporary
+                flags[0] = torch.maximum(flags[0], (~torch.isfinite(s[i : i + _CHECK_BLOCK])).any().float())
         flags[1:] = torch.tensor(present, dtype=torch.float32)
         self._comm.all_reduce(flags, dist.ReduceOp.MAX)
         verdict = flags.tolist()  # the step's one host sync for this decision

@@ -110,14 +110,14 @@ def _fault_worker(rank, world, kind, victim, how, phase, store_path):
             except _Stalled:
                 return {"stalled": True}
         else:  # inside step(): the gradients arrived, the update all-gather never happens
-            real = opt._comm.all_gather
-            opt._comm.all_gather = lambda *a, **k: fault()
+            real = opt._comm.all_gather, opt._comm.all_gather_start  # sign buckets gather asynchronously
+            opt._comm.all_gather = opt._comm.all_gather_start = lambda *a, **k: fault()
             try:
                 opt.step()
             except _Stalled:
                 return {"stalled": True}
             finally:
-                opt._comm.all_gather = real
+                opt._comm.all_gather, opt._comm.all_gather_start = real
             raise AssertionError("the victim's step finished")
     t0 = time.time()
     try:

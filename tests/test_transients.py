@@ -108,7 +108,8 @@ def _measure(rank, world, kind, kw, hook):
             with tracker:
                 opt.step()
         out.append((tracker.largest, tracker.peak))
-    return {"steps": out, "bucket_bytes": bucket_bytes, "replicas": opt.verify_replicas()}
+    n = sum(b.numel for b in opt.layout.buckets)
+    return {"steps": out, "bucket_bytes": bucket_bytes, "replicas": opt.verify_replicas(), "numel": n}
 
 
 CASES = [("lion", {}, False), ("lion", {"grad_comm": "bf16"}, False), ("lion", {"grad_comm": "1bit"}, False),
@@ -127,4 +128,6 @@ def test_no_bucket_sized_allocation_after_first_step(kind, kw, hook):
         assert o["bucket_bytes"] >= 4 * block
         for largest, peak in o["steps"][1:]:
             assert largest <= block, (largest, o["bucket_bytes"])
-            assert peak <= 2 * block, (peak, o["bucket_bytes"])
+            # plus the packed update bits of every sign bucket (N/8 bytes, 1/32 of the fp32 parameters),
+            # which the overlapped sign step keeps from its all-gathers until it applies them
+            assert peak <= 2 * block + o["numel"] // 8, (peak, o["bucket_bytes"])
