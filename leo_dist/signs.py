@@ -112,10 +112,6 @@ class SignStep:
                 self.comm.all_gather(zbits, p.zeros)
             self._apply(p.bucket, p.group, bits, zbits, step)
 
-    def step(self, b: Bucket, group: dict[str, Any], grad: Tensor, exp_avg: Tensor, step: int = 0) -> None:
-        """:meth:`launch` and :meth:`finish` for one bucket."""
-        self.finish([self.launch(b, group, grad, exp_avg)], step)
-
     def _apply(self, b: Bucket, group: dict[str, Any], bits: Tensor, zbits: Tensor | None, step: int) -> None:
         """Decode bucket ``b``'s bits (``W·S/8`` bytes) and apply them to every parameter in it."""
         scale = group["align_const"] if self.leo else 1.0
