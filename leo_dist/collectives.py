@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Comm", "CommStats", "Done", "average_gradients", "sum_in_rank_order"]
+__all__ = ["CollectiveError", "Comm", "CommStats", "Done", "average_gradients", "naming", "sum_in_rank_order"]
 
 # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name); older releases lack the new one.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -96,6 +96,26 @@ class CommStats:
             d["sum"] = {f: sum(v[f] for v in d.values()) for f in ("calls", "bytes_in", "bytes_out", "sent", "received")}
             return d
         return {"last_step": table(self.last), "total": table(self.total), "steps": self.steps}
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed (a peer exited or stalled); ``where`` says what it was moving, since
+    gloo's and NCCL's own text name neither the phase nor the bucket. The original is the cause."""
+
+    def __init__(self, where: str, cause: BaseException):
+        super().__init__(f"{where}: {type(cause).__name__}: {cause}")
+        self.where, self.cause = where, cause
+
+
+@contextmanager
+def naming(what: str):
+    """Re-raise a collective's ``RuntimeError`` inside as a :class:`CollectiveError` naming ``what``."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as e:
+        raise CollectiveError(what, e) from e
 
 
 class Done:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from . import onebit
-from .collectives import Comm
+from .collectives import Comm, naming
 from .partition import Layout
 from .validation import check_grad
 
@@ -140,8 +140,9 @@ class GradientExchange:
         return mk(), mk()
 
     def _finish_oldest(self) -> None:
-        finish, pair = self._inflight.popleft()
-        finish()
+        finish, pair, bi = self._inflight.popleft()
+        with naming(f"bucket {bi}"):
+            finish()
         self._free.append(pair)
 
     def _onebit_scratch(self) -> Tensor:
@@ -192,7 +193,7 @@ class GradientExchange:
             def finish() -> None:
                 work.wait()
                 onebit.decode_grad(recv, world, b.shard, out=shard, cols=self.cols, scratch=scratch)
-            self._inflight.append((finish, pair))
+            self._inflight.append((finish, pair, bi))
         else:
             self.comm.book_reduce_scatter(b.padded, self.wire)
             for j0 in range(0, b.shard, self.cols):
@@ -209,7 +210,7 @@ class GradientExchange:
                     summed()
                     if world > 1:
                         out.div_(world)  # the only division by W
-                self._inflight.append((finish, pair))
+                self._inflight.append((finish, pair, bi))
         self._src[bi] = {}  # every gradient of the bucket has been read
 
     def collect(self) -> list[Tensor]:

@@ -74,12 +74,14 @@ def leo_scale(sum_sq: float | Tensor, numel: int, align_const: float, eps: float
 
 
 def apply_update_(param: Tensor, update: Tensor, lr: float, weight_decay: float, scale: float = 1.0,
-                  rounding_seed: int | None = None) -> None:
+                  rounding_seed: int | None = None, rounding_offset: int = 0) -> None:
     """``param ← param·(1 − lr·weight_decay) − lr·scale·update`` in place, in float32.
 
     ``update`` is float32 (or the parameter dtype), same numel as ``param``. This is the only
     arithmetic any leo_dist path uses to change a parameter. A bfloat16 ``param`` is rounded to
-    nearest, or, given ``rounding_seed``, stochastically (see :func:`round_bf16_stochastic_`).
+    nearest, or, given ``rounding_seed``, stochastically (see :func:`round_bf16_stochastic_`);
+    ``rounding_offset`` is the flat index of ``param[0]`` in the whole parameter when ``param`` is
+    a piece of it, so a parameter updated piece by piece rounds exactly as one updated at once.
     """
     p = _f32(param)
     if weight_decay != 0.0:
@@ -87,22 +89,22 @@ def apply_update_(param: Tensor, update: Tensor, lr: float, weight_decay: float,
     p.add_(update.view_as(p), alpha=-lr * scale)
     if p is not param:
         if rounding_seed is not None and param.dtype == torch.bfloat16:
-            round_bf16_stochastic_(param, p, rounding_seed)
+            round_bf16_stochastic_(param, p, rounding_seed, rounding_offset)
         else:
             param.copy_(p)
 
 
-def round_bf16_stochastic_(dst: Tensor, x: Tensor, seed: int) -> None:
+def round_bf16_stochastic_(dst: Tensor, x: Tensor, seed: int, offset: int = 0) -> None:
     """``dst`` (bfloat16) ← ``x`` (float32, same shape) rounded up or down at random, with the
     probability that makes the result unbiased; ``x`` is overwritten.
 
-    The randomness is a hash of ``(seed, flat element index)``: every rank that rounds the same
+    The randomness is a hash of ``(seed, offset + flat element index)``: every rank that rounds the same
     values with the same seed gets the same bits, so replicas stay bitwise identical, and a step
     too small for one bf16 ulp still moves a weight with probability ``step/ulp`` instead of never.
     Non-finite values round to nearest.
     """
     bits = x.view(torch.int32)
-    idx = torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
+    idx = torch.arange(offset, offset + x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
     h = idx * 0x9E3779B1 + (seed * 0x85EBCA77 + 0x165667B1)
     h = h ^ (h >> 15)
     h = (h * 0x2C1B3C6D) & 0xFFFFFFFF

@@ -27,11 +27,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .collectives import Comm
+from .collectives import Comm, naming
 from .functional import apply_update_, leo_scale, update_momentum_
 from .packing import HEADER_BYTES, bit_slice, pack_mask, pack_signs, unpack_signs
 from .partition import Layout, MatrixSlice, NormLayout, rows_cols_pieces
-from .signs import apply_to, gather_signs
+from .signs import apply_to, gather_signs, rounding_seed
 
 __all__ = ["MatrixStep", "add_row_col_sumsq_", "direction_", "momentum_and_c_", "BLOCK_ELEMS"]
 
@@ -111,15 +111,20 @@ class MatrixStep:
         layout, comm: the optimizer's layout and collectives.
         update_comm: "exact" or "1bit".
         device: where buffers live.
+        stochastic_bf16: round bfloat16 matrices stochastically, keyed by (step, parameter,
+            element index) as the sign buckets do, so that any split of a matrix into pieces
+            rounds alike on every rank.
 
     State kept across steps: ``update_error`` (``update_comm="1bit"`` only): per matrix bucket a
     float32 ``[S]`` buffer over this rank's shard, what the 1-bit updates have not yet carried.
     """
 
-    def __init__(self, layout: Layout, comm: Comm, update_comm: str, device: torch.device):
+    def __init__(self, layout: Layout, comm: Comm, update_comm: str, device: torch.device,
+                 stochastic_bf16: bool = False):
         if update_comm not in ("exact", "1bit"):
             raise ValueError(f"update_comm must be 'exact' or '1bit', got {update_comm!r}")
         self.layout, self.comm, self.update_comm, self.device = layout, comm, update_comm, device
+        self.stochastic_bf16 = stochastic_bf16
         self.buckets = layout.kind_buckets("matrix")
         self.update_error: dict[int, Tensor] = {}
         if update_comm == "1bit":
@@ -133,11 +138,12 @@ class MatrixStep:
             self._scratch = torch.empty(BLOCK_ELEMS, dtype=torch.float32, device=self.device)
         return self._scratch
 
-    def step(self, groups: list[dict[str, Any]], shards: list[Tensor], exp_avgs: list[Tensor]) -> None:
+    def step(self, groups: list[dict[str, Any]], shards: list[Tensor], exp_avgs: list[Tensor],
+             step: int = 0) -> None:
         """Step every matrix bucket; ``shards``/``exp_avgs`` are indexed by bucket (averaged float32
         gradient shards, consumed: overwritten with ``c``, then the update; momentum shards,
-        updated in place). Two small all-reduces for all matrices together, then the update
-        exchange."""
+        updated in place); ``step`` keys the stochastic bf16 rounding. Two small all-reduces for
+        all matrices together, then the update exchange."""
         if not self.buckets:
             return
         layout, norms_at = self.layout, self.layout.norms
@@ -150,26 +156,36 @@ class MatrixStep:
             cs[bi] = momentum_and_c_(shards[bi], exp_avgs[bi], beta1, beta2, scratch)
             for _, sl, x in layout.owned_views(bi, cs[bi]):
                 add_row_col_sumsq_(x, sl, norms_at, sumsq, scratch)
-        self.comm.all_reduce(sumsq)
+        with naming("row/column norm all-reduce"):
+            self.comm.all_reduce(sumsq)
         norms = sumsq.sqrt_()
         usq = torch.zeros(len(layout.matrix_numel), dtype=torch.float32, device=self.device)
         for bi in self.buckets:
             eps = group_of(bi)["eps"]
             for _, sl, x in layout.owned_views(bi, cs[bi]):
                 usq[sl.matrix] += direction_(x, sl, norms_at, norms, eps, scratch)
-        self.comm.all_reduce(usq)
+        with naming("Σu² all-reduce"):
+            self.comm.all_reduce(usq)
         for bi in self.buckets:
             b, group = layout.buckets[bi], group_of(bi)
             for _, sl, x in layout.owned_views(bi, cs[bi]):
                 x.mul_(leo_scale(usq[sl.matrix], layout.matrix_numel[sl.matrix], group["align_const"], group["eps"]))
             cs[bi][b.valid_in_shard(self.comm.rank):] = 0
         if self.update_comm == "1bit":
-            self._send_1bit(group_of, cs)
+            self._send_1bit(group_of, cs, step)
             return
         for bi in self.buckets:
-            self._send_exact(layout.buckets[bi], group_of(bi), cs.pop(bi))
+            with naming(f"update all-gather, bucket {bi}"):
+                self._send_exact(layout.buckets[bi], group_of(bi), cs.pop(bi), step)
 
-    def _send_exact(self, b, group: dict[str, Any], u: Tensor) -> None:
+    def _apply(self, param: Tensor, index: int, lo: int, hi: int, upd: Tensor, group: dict[str, Any],
+               step: int) -> None:
+        """Apply ``upd`` (``hi − lo`` elements) to ``param.view(-1)[lo:hi]``."""
+        seed = rounding_seed(step, index) if self.stochastic_bf16 and param.dtype == torch.bfloat16 else None
+        lr, wd = group["lr"], group["weight_decay"]
+        apply_to(param, lambda p: apply_update_(p.view(-1)[lo:hi], upd, lr, wd, rounding_seed=seed, rounding_offset=lo))
+
+    def _send_exact(self, b, group: dict[str, Any], u: Tensor, step: int) -> None:
         """All-gather this rank's update shard ``u`` (float32 ``[S]``) in the parameter dtype, a
         block of columns at a time into one reused buffer, and apply each block to the
         parameters it covers (the same arithmetic, element by element, as one whole update)."""
@@ -182,7 +198,6 @@ class MatrixStep:
         if comm.distributed:
             moved = (world - 1) * b.shard * esize
             comm.book("all_gather", b.shard * esize, world * b.shard * esize, moved, moved)
-        lr, wd = group["lr"], group["weight_decay"]
         for j0 in range(0, b.shard, cols):
             j1 = min(b.shard, j0 + cols)
             c = j1 - j0
@@ -195,11 +210,9 @@ class MatrixStep:
                     a, e = max(lo, s.offset), min(hi, s.offset + s.numel)
                     if a >= e:
                         continue
-                    upd = full[r, a - lo : e - lo]
-                    pa, pe = a - s.offset, e - s.offset
-                    apply_to(s.param, lambda p: apply_update_(p.view(-1)[pa:pe], upd, lr, wd))
+                    self._apply(s.param, s.index, a - s.offset, e - s.offset, full[r, a - lo : e - lo], group, step)
 
-    def _send_1bit(self, group_of: Callable[[int], dict[str, Any]], updates: dict[int, Tensor]) -> None:
+    def _send_1bit(self, group_of: Callable[[int], dict[str, Any]], updates: dict[int, Tensor], step: int) -> None:
         """Send Leo's matrix updates as ``α_row·sign(e)`` with error feedback (see :mod:`leo_dist.onebit`).
 
         One all-reduce of R floats per matrix (all matrices together) completes the row means of
@@ -216,7 +229,8 @@ class MatrixStep:
                 off = layout.row_offsets[sl.matrix]
                 for piece, r, _ in rows_cols_pieces(x, sl.start, sl.cols):
                     rowsum[off + r : off + r + piece.shape[0]] += piece.abs().sum(dim=1)
-        self.comm.all_reduce(rowsum)
+        with naming("row scale all-reduce"):
+            self.comm.all_reduce(rowsum)
         for bi in self.buckets:
             b, group, e = layout.buckets[bi], group_of(bi), errors[bi]
             nb = b.shard // 8
@@ -231,11 +245,12 @@ class MatrixStep:
                 alpha = rowsum[layout.row_offsets[sl.matrix] : layout.row_offsets[sl.matrix] + sl.rows] / sl.cols
                 for piece, r, _ in rows_cols_pieces(x, sl.start, sl.cols):
                     piece.sub_(torch.sign(piece) * alpha[r : r + piece.shape[0], None])
-            bits, zbits = gather_signs(self.comm, send, zeros)
+            with naming(f"update all-gather, bucket {bi}"):
+                bits, zbits = gather_signs(self.comm, send, zeros)
             for s, j in layout.matrix_slots[bi]:
                 rows, cols = s.param.shape
                 alpha = rowsum[layout.row_offsets[j] : layout.row_offsets[j] + rows] / cols
                 sign = unpack_signs(bit_slice(bits, s.offset, s.numel), s.numel,
                                     None if zbits is None else bit_slice(zbits, s.offset, s.numel))
                 upd = sign.view(rows, cols).mul_(alpha[:, None])
-                apply_to(s.param, lambda p: apply_update_(p, upd, group["lr"], group["weight_decay"]))
+                self._apply(s.param, s.index, 0, s.numel, upd.view(-1), group, step)

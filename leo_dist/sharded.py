@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import amp, checkpoint, misuse, replicas
-from .collectives import Comm
+from .collectives import CollectiveError, Comm
 from .ddp_guard import DDPGuard
 from .dispatch import select_backend
 from .exchange import GradientExchange
@@ -105,7 +105,8 @@ class _ShardedOptimizer(Optimizer):
             raise ValueError(f"bf16_rounding must be 'nearest' or 'stochastic', got {bf16_rounding!r}")
         self.bf16_rounding = bf16_rounding
         self._signs = SignStep(self._comm, self._backend, self._leo, stochastic_bf16=bf16_rounding == "stochastic")
-        self._matrices = MatrixStep(self._layout, self._comm, update_comm, self._device)
+        self._matrices = MatrixStep(self._layout, self._comm, update_comm, self._device,
+                                    stochastic_bf16=bf16_rounding == "stochastic")
         self._init_state()
         self._hook_scaler: Any = None
         self._hook_attached = False
@@ -208,10 +209,10 @@ class _ShardedOptimizer(Optimizer):
         kept = self._save_untouched(absent)
         groups = self.param_groups
         with self._phase("Leo matrix norms / update all-gather"):
-            self._matrices.step(groups, shards, self._momentum)
+            self._matrices.step(groups, shards, self._momentum, self._steps_done)
         with self._phase("sign update all-gather"):
             pending = [self._signs.launch(self._layout.buckets[bi], groups[self._layout.buckets[bi].group_index],
-                                          shards[bi], self._momentum[bi])
+                                          shards[bi], self._momentum[bi], index=bi)
                        for bi in self._layout.kind_buckets("sign")]
             self._signs.finish(pending, self._steps_done)
         self._restore_untouched(kept)
@@ -227,8 +228,10 @@ class _ShardedOptimizer(Optimizer):
         except RuntimeError as e:
             if isinstance(e, FloatingPointError) or str(e).startswith("leo_dist"):
                 raise
+            where, cause = (f" at {e.where}", e.cause) if isinstance(e, CollectiveError) else ("", e)
             raise RuntimeError(f"leo_dist {type(self).__name__}.step(), rank {self._comm.rank}/{self._comm.world}: "
-                               f"{name} failed, a peer may have exited or stalled ({type(e).__name__}: {e})") from e
+                               f"{name} failed{where}, a peer may have exited or stalled "
+                               f"({type(cause).__name__}: {cause})") from e
 
     def _present(self) -> list[bool]:
         """Per held parameter: does this rank have a gradient for it? (The DDP hook always hands

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .collectives import Comm
+from .collectives import Comm, naming
 from .functional import apply_update_
 from .packing import HEADER_BYTES, bit_slice, unpack_signs
 from .partition import Bucket
@@ -76,11 +76,12 @@ class SignStep:
         self.comm, self.backend, self.leo = comm, backend, leo
         self.stochastic_bf16 = stochastic_bf16
 
-    def launch(self, b: Bucket, group: dict[str, Any], grad: Tensor, exp_avg: Tensor) -> "_Pending":
+    def launch(self, b: Bucket, group: dict[str, Any], grad: Tensor, exp_avg: Tensor, index: int = 0) -> "_Pending":
         """Local step of bucket ``b`` and the start of its all-gather; no host sync.
 
         ``grad`` is this rank's averaged float32 shard (read only), ``exp_avg`` its momentum shard
-        (updated in place). The all-gather runs while the caller steps the next bucket.
+        (updated in place). The all-gather runs while the caller steps the next bucket. ``index``
+        (the bucket's position in the layout) names it if the all-gather fails.
         """
         beta1, beta2 = group["betas"]
         nb = b.shard // 8
@@ -90,7 +91,7 @@ class SignStep:
                                                  b.valid_in_shard(self.comm.rank), beta1, beta2)
         gathered = torch.empty(self.comm.world * (nb + HEADER_BYTES), dtype=torch.uint8, device=grad.device)
         work = self.comm.all_gather_start(gathered, send)
-        return _Pending(b, group, zeros, gathered, work, send)
+        return _Pending(b, group, zeros, gathered, work, send, index)
 
     def finish(self, pending: list["_Pending"], step: int = 0) -> None:
         """Wait for every launched bucket, then decode and apply. One host sync for all buckets
@@ -100,7 +101,8 @@ class SignStep:
             return
         world = self.comm.world
         for p in pending:
-            p.work.wait()
+            with naming(f"bucket {p.index}"):
+                p.work.wait()
         tables = [p.gathered.view(world, -1) for p in pending]
         flags = torch.stack([t[:, p.zeros.numel()].any() for t, p in zip(tables, pending)]).tolist()
         for p, table, has_zeros in zip(pending, tables, flags):
@@ -109,7 +111,8 @@ class SignStep:
             zbits = None
             if has_zeros:
                 zbits = torch.empty(world * nb, dtype=torch.uint8, device=bits.device)
-                self.comm.all_gather(zbits, p.zeros)
+                with naming(f"bucket {p.index} (zero bitmap)"):
+                    self.comm.all_gather(zbits, p.zeros)
             self._apply(p.bucket, p.group, bits, zbits, step)
 
     def _apply(self, b: Bucket, group: dict[str, Any], bits: Tensor, zbits: Tensor | None, step: int) -> None:
@@ -140,3 +143,4 @@ class _Pending:
     gathered: Tensor        # every rank's bits + header, W·(S/8 + 8) bytes
     work: Any               # the all-gather's handle
     send: Tensor            # kept alive until the all-gather is done
+    index: int              # the bucket's position in the layout

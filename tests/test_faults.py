@@ -5,7 +5,7 @@ blocks (on a store key that only the survivors set, after they have raised: a re
 sleep) at one phase of a step, while the others call ``step()`` on an optimizer over a process
 group whose timeout is ``PG_TIMEOUT_S``. Each survivor reports what it raised and how long after
 the fault; the parent checks that every survivor raised, in time, from inside ``step()``, and
-whether the message names the phase (xfail while the collectives do not say it).
+that the message names the phase and the bucket.
 
 The harness is conftest's worker with one difference: a rank that is meant to die is not waited
 for a result, only for its exit code; every wait has a deadline.
@@ -173,7 +173,8 @@ def test_dead_or_stalled_peer_makes_the_others_raise_in_time(fault):
 
 def test_the_error_names_the_phase(fault):
     (kind, world, victim, how, phase), out, survivors = fault
-    missing = [r for r in survivors if not re.search(PHASE_WORDS[phase], out[r]["message"])]
-    if missing:
-        pytest.xfail(f"the error on ranks {missing} does not name the phase ({phase}) yet: "
-                     f"{out[missing[0]]['message'][:160]!r}")
+    for r in survivors:
+        message = out[r]["message"]
+        assert re.search(PHASE_WORDS[phase], message), (r, phase, message)
+        assert re.search(r"bucket \d+", message), (r, message)
+        assert message.startswith(f"leo_dist Sharded{kind.capitalize()}.step(), rank {r}/{world}"), message

@@ -228,3 +228,48 @@ def test_bf16_stochastic_rounding_lands_small_steps_and_keeps_replicas_equal():
     assert 2e-4 < sto[0][2] < 2e-3
     with pytest.raises(ValueError, match="bf16_rounding"):
         leo_dist.ShardedLion([torch.nn.Parameter(torch.zeros(3))], bf16_rounding="up")
+
+
+def _leo_bf16_run(rank, world, rounding, update_comm):
+    """Leo on a bf16 matrix whose rows the shards split, next to the same run on a float32 copy."""
+    g = torch.Generator().manual_seed(0)
+    w = 0.1 + 0.01 * torch.randn(37, 53, generator=g)
+    p16, p32 = w.to(torch.bfloat16).requires_grad_(), w.clone().requires_grad_()
+    start = p16.detach().float()
+    kw = dict(lr=1e-4, bucket_mb=2e-3, update_comm=update_comm)
+    o16 = leo_dist.ShardedLeo([p16], bf16_rounding=rounding, **kw)
+    o32 = leo_dist.ShardedLeo([p32], **kw)
+    for step in range(10):
+        grad = local_grad(step, rank, w.shape, False)
+        p16.grad, p32.grad = grad.to(torch.bfloat16), grad.to(torch.bfloat16).float()
+        o16.step()
+        o32.step()
+    d16, d32 = p16.detach().float() - start, p32.detach() - w
+    # the regression coefficient of the bf16 displacement on the float32 one: 1 when unbiased
+    return params_hash([p16]), float((d16 * d32).sum() / (d32 * d32).sum())
+
+
+@pytest.mark.parametrize("update_comm", ["exact", "1bit"])
+def test_bf16_stochastic_rounding_of_leo_matrices(update_comm):
+    """Leo's matrix updates (lr·|u| ≈ 2e-5, a twentieth of a bf16 ulp near 0.1) land on average with
+    stochastic rounding and never with nearest; replicas stay bitwise equal with rows split at W=3."""
+    sto = run_ranks(_leo_bf16_run, 3, "stochastic", update_comm)
+    near = run_ranks(_leo_bf16_run, 3, "nearest", update_comm)
+    assert sto[0][0] == sto[1][0] == sto[2][0], "stochastic rounding differed across ranks"
+    assert near[0][1] == 0.0
+    assert 0.8 < sto[0][1] < 1.2, sto[0][1]
+
+
+def test_stochastic_rounding_of_pieces_equals_rounding_at_once():
+    from leo_dist.functional import apply_update_
+    g = torch.Generator().manual_seed(1)
+    w = (0.1 + 0.01 * torch.randn(1000, generator=g)).to(torch.bfloat16)
+    u = torch.randn(1000, generator=g)
+    whole, pieces = w.clone(), w.clone()
+    apply_update_(whole, u, 1e-4, 0.1, rounding_seed=7)
+    for lo, hi in [(0, 13), (13, 512), (512, 1000)]:
+        apply_update_(pieces[lo:hi], u[lo:hi], 1e-4, 0.1, rounding_seed=7, rounding_offset=lo)
+    assert torch.equal(whole.view(torch.int16), pieces.view(torch.int16))
+    apply_update_(pieces, u, 1e-4, 0.1, rounding_seed=7, rounding_offset=1)
+    apply_update_(whole, u, 1e-4, 0.1, rounding_seed=7)
+    assert not torch.equal(whole.view(torch.int16), pieces.view(torch.int16)), "the offset must matter"
