@@ -402,7 +402,7 @@ class ShardedLion(_ShardedOptimizer):
         bf16_rounding: how bfloat16 parameters take their update: "stochastic" (default: unbiased,
             keyed by step and element so replicas stay bitwise equal; a step below half a bf16 ulp
             still lands on average) or "nearest" (as the single-process optimizers round). Chosen
-            by measurement: docs/results/bf16_rounding_lion.md.
+            by measurement: docs/results/bf16_rounding_{lion,leo}.md.
 
     Parameters with ``requires_grad=False`` are not held (no state, never stepped); a parameter that
     no rank has a gradient for in a step is left untouched, as by the single-process optimizers; one
