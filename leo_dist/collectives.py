@@ -258,22 +258,16 @@ class Comm:
         moved = (self.world - 1) * inp.numel() * inp.element_size()
         self._count("all_gather", inp, out, moved, moved)
 
-    def all_gather_uncounted(self, out: Tensor, inp: Tensor) -> None:
-        """:meth:`all_gather` without booking it: for one logical all-gather sent in blocks,
-        booked once with :meth:`book`."""
-        if not self.distributed:
-            out.copy_(inp)
-            return
-        _all_gather_single(out, inp, group=self.group)
-
-    def all_gather_start(self, out: Tensor, inp: Tensor):
-        """Asynchronous :meth:`all_gather`; returns a work handle (``.wait()``)."""
+    def all_gather_start(self, out: Tensor, inp: Tensor, count: bool = True):
+        """Asynchronous :meth:`all_gather`; returns a work handle (``.wait()``). ``count=False``:
+        one block of a logical all-gather sent in blocks, booked once with :meth:`book`."""
         if not self.distributed:
             out.copy_(inp)
             return Done()
         work = _all_gather_single(out, inp, group=self.group, async_op=True)
-        moved = (self.world - 1) * inp.numel() * inp.element_size()
-        self._count("all_gather", inp, out, moved, moved)
+        if count:
+            moved = (self.world - 1) * inp.numel() * inp.element_size()
+            self._count("all_gather", inp, out, moved, moved)
         return work
 
     def gather(self, out: Tensor | None, inp: Tensor, dst_rank: int) -> None:

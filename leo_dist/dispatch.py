@@ -65,6 +65,7 @@ class Backend:
     """The ``"cpu"`` back end: the C library where it applies, the torch code otherwise."""
 
     name = "cpu"
+    kernels = None  # the Triton kernels module, for the parts of a step that call it directly
 
     def lion_step(self, params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, sign_scale=1.0) -> None:
         kw = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
@@ -93,7 +94,7 @@ class _TritonBackend(Backend):
 
     def __init__(self) -> None:
         from . import kernels  # imports Triton: only when this back end is chosen
-        self._k = kernels
+        self._k = self.kernels = kernels
         self.sign_shard_step_ = kernels.sign_shard_step_
         self.apply_signs_ = kernels.apply_signs_
 

@@ -16,8 +16,8 @@ Then the update travels (per matrix bucket of shard ``S``):
 
 Memory: ``c`` and then ``u`` are formed in place in the averaged gradient shard (which the step
 consumes), block by block with one reused float32 scratch block of :data:`BLOCK_ELEMS`
-elements; the exact update is all-gathered a block of columns at a time into one reused buffer
-and applied piece by piece. So the transients of a matrix step are O(block), not O(bucket).
+elements; the exact update is all-gathered a block of columns at a time into two reused buffers
+(one block travels while the previous one is applied) and applied piece by piece. So the transients of a matrix step are O(block), not O(bucket).
 Chunking changes only the order of the float32 sums of squares (row, column, ``Σu²``).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .collectives import Comm, naming
 from .functional import apply_update_, leo_scale, update_momentum_
 from .packing import HEADER_BYTES, bit_slice, pack_mask, pack_signs, unpack_signs
 from .partition import Layout, MatrixSlice, NormLayout, rows_cols_pieces
-from .signs import apply_to, gather_signs, rounding_seed
+from .signs import BitsInFlight, apply_to, rounding_seed, start_gather
 
 __all__ = ["MatrixStep", "add_row_col_sumsq_", "direction_", "momentum_and_c_", "BLOCK_ELEMS"]
 
@@ -114,17 +114,20 @@ class MatrixStep:
         stochastic_bf16: round bfloat16 matrices stochastically, keyed by (step, parameter,
             element index) as the sign buckets do, so that any split of a matrix into pieces
             rounds alike on every rank.
+        kernels: :mod:`leo_dist.kernels` when the optimizer is fused: the local step then runs
+            the slice-capable 2-D Triton kernels instead of the blocked torch code.
 
     State kept across steps: ``update_error`` (``update_comm="1bit"`` only): per matrix bucket a
     float32 ``[S]`` buffer over this rank's shard, what the 1-bit updates have not yet carried.
     """
 
     def __init__(self, layout: Layout, comm: Comm, update_comm: str, device: torch.device,
-                 stochastic_bf16: bool = False):
+                 stochastic_bf16: bool = False, kernels=None):
         if update_comm not in ("exact", "1bit"):
             raise ValueError(f"update_comm must be 'exact' or '1bit', got {update_comm!r}")
         self.layout, self.comm, self.update_comm, self.device = layout, comm, update_comm, device
         self.stochastic_bf16 = stochastic_bf16
+        self.kernels = kernels
         self.buckets = layout.kind_buckets("matrix")
         self.update_error: dict[int, Tensor] = {}
         if update_comm == "1bit":
@@ -139,44 +142,92 @@ class MatrixStep:
         return self._scratch
 
     def step(self, groups: list[dict[str, Any]], shards: list[Tensor], exp_avgs: list[Tensor],
-             step: int = 0) -> None:
+             step: int = 0) -> list[tuple[BitsInFlight, Callable[[Tensor, Tensor | None], None]]]:
         """Step every matrix bucket; ``shards``/``exp_avgs`` are indexed by bucket (averaged float32
         gradient shards, consumed: overwritten with ``c``, then the update; momentum shards,
         updated in place); ``step`` keys the stochastic bf16 rounding. Two small all-reduces for
-        all matrices together, then the update exchange."""
+        all matrices together, then the update exchange.
+
+        Exact updates are applied before this returns. 1-bit updates are left in flight: returns
+        ``(flight, apply)`` per bucket, for :meth:`leo_dist.signs.SignStep.finish` to finish
+        together with the sign buckets (one host sync for all) and call ``apply(bits, zbits)``."""
         if not self.buckets:
-            return
+            return []
         layout, norms_at = self.layout, self.layout.norms
         group_of = lambda bi: groups[layout.buckets[bi].group_index]  # noqa: E731
-        scratch = self._block()
         sumsq = torch.zeros(norms_at.size, dtype=torch.float32, device=self.device)
+        usq = torch.zeros(len(layout.matrix_numel), dtype=torch.float32, device=self.device)
+        local = self._local_fused if self.kernels is not None else self._local_torch
+        cs = local(group_of, shards, exp_avgs, sumsq, usq)
+        for bi in self.buckets:
+            cs[bi][layout.buckets[bi].valid_in_shard(self.comm.rank):] = 0
+        if self.update_comm == "1bit":
+            return self._send_1bit(group_of, cs, step)
+        self._send_exact(group_of, cs, step)
+        return []
+
+    def _all_reduce_norms(self, buf: Tensor, what: str) -> None:
+        with naming(what):
+            self.comm.all_reduce(buf)
+
+    def _local_torch(self, group_of, shards, exp_avgs, sumsq: Tensor, usq: Tensor) -> dict[int, Tensor]:
+        """The local step in torch, block by block: ``c`` then ``u`` then ``s·u`` in place in each
+        gradient shard, the momentum updated in the first pass. Returns the shards by bucket."""
+        layout, norms_at, scratch = self.layout, self.layout.norms, self._block()
         cs: dict[int, Tensor] = {}
         for bi in self.buckets:
             beta1, beta2 = group_of(bi)["betas"]
             cs[bi] = momentum_and_c_(shards[bi], exp_avgs[bi], beta1, beta2, scratch)
             for _, sl, x in layout.owned_views(bi, cs[bi]):
                 add_row_col_sumsq_(x, sl, norms_at, sumsq, scratch)
-        with naming("row/column norm all-reduce"):
-            self.comm.all_reduce(sumsq)
+        self._all_reduce_norms(sumsq, "row/column norm all-reduce")
         norms = sumsq.sqrt_()
-        usq = torch.zeros(len(layout.matrix_numel), dtype=torch.float32, device=self.device)
         for bi in self.buckets:
             eps = group_of(bi)["eps"]
             for _, sl, x in layout.owned_views(bi, cs[bi]):
                 usq[sl.matrix] += direction_(x, sl, norms_at, norms, eps, scratch)
-        with naming("Σu² all-reduce"):
-            self.comm.all_reduce(usq)
+        self._all_reduce_norms(usq, "Σu² all-reduce")
         for bi in self.buckets:
-            b, group = layout.buckets[bi], group_of(bi)
+            group = group_of(bi)
             for _, sl, x in layout.owned_views(bi, cs[bi]):
                 x.mul_(leo_scale(usq[sl.matrix], layout.matrix_numel[sl.matrix], group["align_const"], group["eps"]))
-            cs[bi][b.valid_in_shard(self.comm.rank):] = 0
-        if self.update_comm == "1bit":
-            self._send_1bit(group_of, cs, step)
-            return
+        return cs
+
+    def _local_fused(self, group_of, shards, exp_avgs, sumsq: Tensor, usq: Tensor) -> dict[int, Tensor]:
+        """The local step in the Triton 2-D kernels on each owned slice: two read passes (row and
+        column sums of ``c²``, then ``Σu²``) and one pass that writes ``s·u`` over the gradient
+        shard and updates the momentum. Same contract as :meth:`_local_torch`."""
+        layout, norms_at, k = self.layout, self.layout.norms, self.kernels
+
+        def slices(bi):
+            for (_, sl, g), (_, _, m) in zip(layout.owned_views(bi, shards[bi]), layout.owned_views(bi, exp_avgs[bi])):
+                r0 = sl.start // sl.cols
+                yield sl, g, m, r0, (sl.end - 1) // sl.cols + 1
+
         for bi in self.buckets:
-            with naming(f"update all-gather, bucket {bi}"):
-                self._send_exact(layout.buckets[bi], group_of(bi), cs.pop(bi), step)
+            beta1 = group_of(bi)["betas"][0]
+            for sl, g, m, r0, r1 in slices(bi):
+                row_sq, col_sq = k.leo2d_partial_sumsq(g, m, sl.start, sl.end, sl.cols, beta1)
+                norms_at.rows(sumsq, sl.matrix)[r0:r1] += row_sq
+                norms_at.cols(sumsq, sl.matrix).add_(col_sq)
+        self._all_reduce_norms(sumsq, "row/column norm all-reduce")
+        norms = sumsq.sqrt_()
+        plus_eps: dict[tuple[int, int], Tensor] = {}
+        for bi in self.buckets:
+            group = group_of(bi)
+            for sl, g, m, r0, r1 in slices(bi):
+                plus_eps[bi, sl.matrix] = (norms_at.rows(norms, sl.matrix)[r0:r1] + group["eps"],
+                                           norms_at.cols(norms, sl.matrix) + group["eps"])
+                usq[sl.matrix] += k.leo2d_partial_usq(g, m, sl.start, sl.end, sl.cols, group["betas"][0],
+                                                      *plus_eps[bi, sl.matrix])
+        self._all_reduce_norms(usq, "Σu² all-reduce")
+        for bi in self.buckets:
+            group = group_of(bi)
+            for sl, g, m, _, _ in slices(bi):
+                scale = leo_scale(usq[sl.matrix], layout.matrix_numel[sl.matrix], group["align_const"], group["eps"])
+                k.leo2d_update_(g, m, sl.start, sl.end, sl.cols, *group["betas"], *plus_eps[bi, sl.matrix],
+                                scale, out=g)
+        return {bi: shards[bi] for bi in self.buckets}
 
     def _apply(self, param: Tensor, index: int, lo: int, hi: int, upd: Tensor, group: dict[str, Any],
                step: int) -> None:
@@ -185,38 +236,57 @@ class MatrixStep:
         lr, wd = group["lr"], group["weight_decay"]
         apply_to(param, lambda p: apply_update_(p.view(-1)[lo:hi], upd, lr, wd, rounding_seed=seed, rounding_offset=lo))
 
-    def _send_exact(self, b, group: dict[str, Any], u: Tensor, step: int) -> None:
-        """All-gather this rank's update shard ``u`` (float32 ``[S]``) in the parameter dtype, a
-        block of columns at a time into one reused buffer, and apply each block to the
-        parameters it covers (the same arithmetic, element by element, as one whole update)."""
-        world, comm = self.comm.world, self.comm
+    def _send_exact(self, group_of: Callable[[int], dict[str, Any]], updates: dict[int, Tensor], step: int) -> None:
+        """All-gather every bucket's update shard (float32 ``[S]``, in ``updates``) in the parameter
+        dtype and apply it, a block of columns at a time: block ``k+1`` travels while block ``k``
+        is applied, through two reused buffers of ``W·block`` elements. The arithmetic, element
+        by element, is that of one whole update."""
+        world, comm, layout = self.comm.world, self.comm, self.layout
         cols = max(8, BLOCK_ELEMS // world // 8 * 8)
-        esize = torch.finfo(b.dtype).bits // 8
-        if self._gather is None or self._gather.numel() < world * min(cols, b.shard) * esize:
-            self._gather = torch.empty(world * min(cols, max(x.shard for x in self.layout.buckets)) * esize,
-                                       dtype=torch.uint8, device=self.device)
-        if comm.distributed:
-            moved = (world - 1) * b.shard * esize
-            comm.book("all_gather", b.shard * esize, world * b.shard * esize, moved, moved)
-        for j0 in range(0, b.shard, cols):
-            j1 = min(b.shard, j0 + cols)
-            c = j1 - j0
-            full = self._gather.view(b.dtype)[: world * c].view(world, c)
-            mine = u[j0:j1] if b.dtype == torch.float32 else u[j0:j1].to(b.dtype)
-            comm.all_gather_uncounted(full.view(-1), mine)
+        blocks = [(bi, j0, min(layout.buckets[bi].shard, j0 + cols))
+                  for bi in self.buckets for j0 in range(0, layout.buckets[bi].shard, cols)]
+        if not blocks:
+            return
+        if self._gather is None:
+            self._gather = torch.empty(2, world * cols * 4, dtype=torch.uint8, device=self.device)
+        for bi in self.buckets:
+            b = layout.buckets[bi]
+            esize = torch.finfo(b.dtype).bits // 8
+            if comm.distributed:
+                moved = (world - 1) * b.shard * esize
+                comm.book("all_gather", b.shard * esize, world * b.shard * esize, moved, moved)
+
+        def start(k: int):
+            bi, j0, j1 = blocks[k]
+            dtype = layout.buckets[bi].dtype
+            full = self._gather[k % 2].view(dtype)[: world * (j1 - j0)].view(world, j1 - j0)
+            mine = updates[bi][j0:j1].to(dtype)  # a copy only when the parameters are not float32
+            with naming(f"update all-gather, bucket {bi}"):
+                return full, mine, comm.all_gather_start(full.view(-1), mine, count=False)
+
+        ahead = start(0)
+        for k, (bi, j0, j1) in enumerate(blocks):
+            full, _, work = ahead
+            if k + 1 < len(blocks):
+                ahead = start(k + 1)
+            with naming(f"update all-gather, bucket {bi}"):
+                work.wait()
+            b, group = layout.buckets[bi], group_of(bi)
             for r in range(world):
                 lo, hi = r * b.shard + j0, r * b.shard + j1
                 for s in b.slots:
                     a, e = max(lo, s.offset), min(hi, s.offset + s.numel)
-                    if a >= e:
-                        continue
-                    self._apply(s.param, s.index, a - s.offset, e - s.offset, full[r, a - lo : e - lo], group, step)
+                    if a < e:
+                        self._apply(s.param, s.index, a - s.offset, e - s.offset, full[r, a - lo : e - lo],
+                                    group, step)
 
-    def _send_1bit(self, group_of: Callable[[int], dict[str, Any]], updates: dict[int, Tensor], step: int) -> None:
+    def _send_1bit(self, group_of: Callable[[int], dict[str, Any]], updates: dict[int, Tensor], step: int
+                   ) -> list[tuple[BitsInFlight, Callable[[Tensor, Tensor | None], None]]]:
         """Send Leo's matrix updates as ``α_row·sign(e)`` with error feedback (see :mod:`leo_dist.onebit`).
 
         One all-reduce of R floats per matrix (all matrices together) completes the row means of
-        ``|e|``; then per bucket one all-gather of bits, as for sign buckets.
+        ``|e|``; then per bucket one all-gather of bits, as for sign buckets, started here and
+        finished by the caller (see :meth:`step`).
         """
         layout, rank = self.layout, self.comm.rank
         rowsum = torch.zeros(layout.row_size, dtype=torch.float32, device=self.device)
@@ -231,22 +301,28 @@ class MatrixStep:
                     rowsum[off + r : off + r + piece.shape[0]] += piece.abs().sum(dim=1)
         with naming("row scale all-reduce"):
             self.comm.all_reduce(rowsum)
+        flights = []
         for bi in self.buckets:
-            b, group, e = layout.buckets[bi], group_of(bi), errors[bi]
+            b, e = layout.buckets[bi], errors[bi]
             nb = b.shard // 8
-            valid = b.valid_in_shard(rank)
             send = torch.zeros(nb + HEADER_BYTES, dtype=torch.uint8, device=self.device)
             pack_signs(e, send[:nb])
             is_zero = e == 0
+            send[nb] = is_zero[: b.valid_in_shard(rank)].any().to(torch.uint8)
             zeros = pack_mask(is_zero)
-            send[nb] = is_zero[:valid].any().to(torch.uint8)
+            flights.append(start_gather(self.comm, send, zeros, bi))  # travels while the next bucket packs
             # the owner keeps what α·sign(e) does not carry
             for _, sl, x in layout.owned_views(bi, e):
                 alpha = rowsum[layout.row_offsets[sl.matrix] : layout.row_offsets[sl.matrix] + sl.rows] / sl.cols
                 for piece, r, _ in rows_cols_pieces(x, sl.start, sl.cols):
                     piece.sub_(torch.sign(piece) * alpha[r : r + piece.shape[0], None])
-            with naming(f"update all-gather, bucket {bi}"):
-                bits, zbits = gather_signs(self.comm, send, zeros)
+        return [(f, self._applier(bi, group_of(bi), rowsum, step)) for bi, f in zip(self.buckets, flights)]
+
+    def _applier(self, bi: int, group: dict[str, Any], rowsum: Tensor, step: int):
+        """What to do with bucket ``bi``'s gathered bits: ``α_row·sign`` applied to each matrix."""
+        layout = self.layout
+
+        def apply(bits: Tensor, zbits: Tensor | None) -> None:
             for s, j in layout.matrix_slots[bi]:
                 rows, cols = s.param.shape
                 alpha = rowsum[layout.row_offsets[j] : layout.row_offsets[j] + rows] / cols
@@ -254,3 +330,4 @@ class MatrixStep:
                                     None if zbits is None else bit_slice(zbits, s.offset, s.numel))
                 upd = sign.view(rows, cols).mul_(alpha[:, None])
                 self._apply(s.param, s.index, 0, s.numel, upd.view(-1), group, step)
+        return apply

@@ -106,7 +106,7 @@ class _ShardedOptimizer(Optimizer):
         self.bf16_rounding = bf16_rounding
         self._signs = SignStep(self._comm, self._backend, self._leo, stochastic_bf16=bf16_rounding == "stochastic")
         self._matrices = MatrixStep(self._layout, self._comm, update_comm, self._device,
-                                    stochastic_bf16=bf16_rounding == "stochastic")
+                                    stochastic_bf16=bf16_rounding == "stochastic", kernels=self._backend.kernels)
         self._init_state()
         self._hook_scaler: Any = None
         self._hook_attached = False
@@ -208,13 +208,15 @@ class _ShardedOptimizer(Optimizer):
             return loss
         kept = self._save_untouched(absent)
         groups = self.param_groups
-        with self._phase("Leo matrix norms / update all-gather"):
-            self._matrices.step(groups, shards, self._momentum, self._steps_done)
+        # sign buckets first: their all-gathers travel while the matrices are stepped
         with self._phase("sign update all-gather"):
             pending = [self._signs.launch(self._layout.buckets[bi], groups[self._layout.buckets[bi].group_index],
                                           shards[bi], self._momentum[bi], index=bi)
                        for bi in self._layout.kind_buckets("sign")]
-            self._signs.finish(pending, self._steps_done)
+        with self._phase("Leo matrix norms / update all-gather"):
+            in_flight = self._matrices.step(groups, shards, self._momentum, self._steps_done)
+        with self._phase("update all-gather"):
+            self._signs.finish(pending, self._steps_done, in_flight)
         self._restore_untouched(kept)
         self._end_step(completed=True)
         return loss

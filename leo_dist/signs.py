@@ -15,7 +15,7 @@ every bucket's zero flag with one host sync for all of them (not one per bucket)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from .functional import apply_update_
 from .packing import HEADER_BYTES, bit_slice, unpack_signs
 from .partition import Bucket
 
-__all__ = ["SignStep", "gather_signs", "apply_to", "rounding_seed"]
+__all__ = ["SignStep", "BitsInFlight", "start_gather", "finish_gathers", "apply_to", "rounding_seed"]
 
 
 def rounding_seed(step: int, param_index: int) -> int:
@@ -34,23 +34,38 @@ def rounding_seed(step: int, param_index: int) -> int:
     return (step * 1_000_003 + param_index) & 0x7FFFFFFF
 
 
-def gather_signs(comm: Comm, send: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor | None]:
-    """All-gather every rank's packed bits; and their zero bitmaps, only if some rank has zeros.
+def start_gather(comm: Comm, send: Tensor, zeros: Tensor, index: int) -> "BitsInFlight":
+    """Start the all-gather of one bucket's packed bits; no host sync.
 
     ``send`` is uint8 ``[S/8 + 8]`` (bits, then the header whose byte 0 flags exact zeros),
-    ``zeros`` uint8 ``[S/8]``. Returns the bits of the whole bucket (``W·S/8`` bytes, rank
-    order) and the zero bitmap or None.
+    ``zeros`` uint8 ``[S/8]`` (the zero bitmap, sent later only if some rank has zeros); ``index``
+    names the bucket if the collective fails. ``W·(S/8 + 8)`` bytes arrive.
     """
-    nb = zeros.numel()
-    gathered = torch.empty(comm.world * (nb + HEADER_BYTES), dtype=torch.uint8, device=send.device)
-    comm.all_gather(gathered, send)
-    table = gathered.view(comm.world, nb + HEADER_BYTES)
-    bits = table[:, :nb].reshape(-1)
-    zbits = None
-    if bool(table[:, nb].any()):
-        zbits = torch.empty(comm.world * nb, dtype=torch.uint8, device=send.device)
-        comm.all_gather(zbits, zeros)
-    return bits, zbits
+    gathered = torch.empty(comm.world * send.numel(), dtype=torch.uint8, device=send.device)
+    return BitsInFlight(zeros, gathered, comm.all_gather_start(gathered, send), send, index)
+
+
+def finish_gathers(comm: Comm, flights: list["BitsInFlight"]) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Wait for every bucket's bits; then, with one host sync for all of them, read which buckets
+    carry exact zeros on some rank. Yields per bucket, in order, the bits of the whole bucket
+    (``W·S/8`` bytes, rank order) and its zero bitmap (all-gathered only for those buckets) or None.
+    A generator, so that only one bucket's decoded bits are alive at a time: consume it fully, on
+    every rank alike (the zero bitmaps are collectives)."""
+    if not flights:
+        return
+    for f in flights:
+        with naming(f"bucket {f.index}"):
+            f.work.wait()
+    tables = [f.gathered.view(comm.world, -1) for f in flights]
+    flags = torch.stack([t[:, f.zeros.numel()].any() for t, f in zip(tables, flights)]).tolist()
+    for f, table, has_zeros in zip(flights, tables, flags):
+        nb = f.zeros.numel()
+        zbits = None
+        if has_zeros:
+            zbits = torch.empty(comm.world * nb, dtype=torch.uint8, device=table.device)
+            with naming(f"bucket {f.index} (zero bitmap)"):
+                comm.all_gather(zbits, f.zeros)
+        yield table[:, :nb].reshape(-1), zbits
 
 
 def apply_to(param: Tensor, fn: Callable[[Tensor], None]) -> None:
@@ -89,31 +104,19 @@ class SignStep:
         zeros = torch.empty(nb, dtype=torch.uint8, device=grad.device)
         send[nb] = self.backend.sign_shard_step_(grad, exp_avg, send[:nb], zeros,
                                                  b.valid_in_shard(self.comm.rank), beta1, beta2)
-        gathered = torch.empty(self.comm.world * (nb + HEADER_BYTES), dtype=torch.uint8, device=grad.device)
-        work = self.comm.all_gather_start(gathered, send)
-        return _Pending(b, group, zeros, gathered, work, send, index)
+        return _Pending(b, group, start_gather(self.comm, send, zeros, index))
 
-    def finish(self, pending: list["_Pending"], step: int = 0) -> None:
-        """Wait for every launched bucket, then decode and apply. One host sync for all buckets
-        together (which of them carry exact zeros); their zero bitmaps then travel, if any.
-        ``step`` seeds stochastic bf16 rounding (the same on every rank)."""
-        if not pending:
-            return
-        world = self.comm.world
-        for p in pending:
-            with naming(f"bucket {p.index}"):
-                p.work.wait()
-        tables = [p.gathered.view(world, -1) for p in pending]
-        flags = torch.stack([t[:, p.zeros.numel()].any() for t, p in zip(tables, pending)]).tolist()
-        for p, table, has_zeros in zip(pending, tables, flags):
-            nb = p.zeros.numel()
-            bits = table[:, :nb].reshape(-1)
-            zbits = None
-            if has_zeros:
-                zbits = torch.empty(world * nb, dtype=torch.uint8, device=bits.device)
-                with naming(f"bucket {p.index} (zero bitmap)"):
-                    self.comm.all_gather(zbits, p.zeros)
-            self._apply(p.bucket, p.group, bits, zbits, step)
+    def finish(self, pending: list["_Pending"], step: int = 0,
+               more: Sequence[tuple["BitsInFlight", Callable[[Tensor, Tensor | None], None]]] = ()) -> None:
+        """Wait for every launched bucket, then decode and apply (see :func:`finish_gathers`: one
+        host sync for all buckets). ``step`` seeds stochastic bf16 rounding (the same on every rank).
+        ``more``: other buckets' bits in flight (Leo's 1-bit matrix updates), finished in the same
+        host sync, each then handed to its ``apply(bits, zbits)``."""
+        flights = [p.flight for p in pending] + [f for f, _ in more]
+        applies = [lambda bits, zbits, p=p: self._apply(p.bucket, p.group, bits, zbits, step) for p in pending]
+        applies += [apply for _, apply in more]
+        for apply, (bits, zbits) in zip(applies, finish_gathers(self.comm, flights)):
+            apply(bits, zbits)
 
     def _apply(self, b: Bucket, group: dict[str, Any], bits: Tensor, zbits: Tensor | None, step: int) -> None:
         """Decode bucket ``b``'s bits (``W·S/8`` bytes) and apply them to every parameter in it."""
@@ -134,13 +137,20 @@ class SignStep:
 
 
 @dataclass
-class _Pending:
-    """A sign bucket between its local step and its apply."""
+class BitsInFlight:
+    """One bucket's packed bits on their way to every rank."""
 
-    bucket: Bucket
-    group: dict[str, Any]
     zeros: Tensor           # this rank's zero bitmap, S/8 bytes
     gathered: Tensor        # every rank's bits + header, W·(S/8 + 8) bytes
     work: Any               # the all-gather's handle
     send: Tensor            # kept alive until the all-gather is done
     index: int              # the bucket's position in the layout
+
+
+@dataclass
+class _Pending:
+    """A sign bucket between its local step and its apply."""
+
+    bucket: Bucket
+    group: dict[str, Any]
+    flight: BitsInFlight

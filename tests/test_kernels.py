@@ -209,6 +209,15 @@ def test_fused_true_on_cpu_needs_interpreter(monkeypatch):
 
 def _sharded_run(rank, world, kind, fused, steps, bucket_mb):
     from dist_util import groups_for, local_grad, make_params, params_hash
+    calls = {"leo2d": 0}
+    if fused:  # count the 2-D kernel launches: the sharded matrix step must use them when fused
+        from leo_dist import kernels
+        real = kernels.leo2d_update_
+
+        def counting(*a, **k):
+            calls["leo2d"] += 1
+            return real(*a, **k)
+        kernels.leo2d_update_ = counting
     params = make_params()
     cls = leo_dist.ShardedLeo if kind == "leo" else leo_dist.ShardedLion
     opt = cls(groups_for(params, kind), bucket_mb=bucket_mb, fused=fused)
@@ -217,7 +226,7 @@ def _sharded_run(rank, world, kind, fused, steps, bucket_mb):
         for p in params:
             p.grad = local_grad(step, rank, p.shape, True)
         opt.step()
-    return [p.detach().clone() for p in params], params_hash(params)
+    return [p.detach().clone() for p in params], params_hash(params), calls["leo2d"]
 
 
 @pytest.mark.slow
@@ -232,6 +241,8 @@ def test_sharded_fused_matches_torch_path_w2(kind, monkeypatch):
     ref = run_ranks(_sharded_run, 2, kind, False, steps, bucket_mb)
     got = run_ranks(_sharded_run, 2, kind, True, steps, bucket_mb)
     assert got[0][1] == got[1][1]  # replicas identical
+    if kind == "leo":
+        assert got[0][2] > 0 and got[1][2] > 0, "the fused sharded Leo did not run the 2-D kernels"
     for a, b in zip(got[0][0], ref[0][0]):
         if kind == "lion" or a.ndim != 2:
             assert torch.equal(a, b)

@@ -166,8 +166,9 @@ def test_zero_grad_discards_an_exchange_left_by_a_skipped_step():
 
 def _count_syncs(rank, world, kind, bucket_mb):
     params = make_params()
-    cls = leo_dist.ShardedLeo if kind == "leo" else leo_dist.ShardedLion
-    opt = cls(groups_for(params, kind), bucket_mb=bucket_mb)
+    cls = leo_dist.ShardedLeo if kind.startswith("leo") else leo_dist.ShardedLion
+    kw = dict(update_comm="1bit") if kind == "leo-1bit" else {}
+    opt = cls(groups_for(params, kind.split("-")[0]), bucket_mb=bucket_mb, **kw)
     counts = {"n": 0}
     originals = {name: getattr(torch.Tensor, name) for name in ("__bool__", "__float__", "__int__", "item", "tolist")}
 
@@ -193,7 +194,7 @@ def _count_syncs(rank, world, kind, bucket_mb):
     return per_step, len(opt.layout.buckets)
 
 
-@pytest.mark.parametrize("kind", ["lion", "leo"])
+@pytest.mark.parametrize("kind", ["lion", "leo", "leo-1bit"])
 def test_host_syncs_per_step_do_not_grow_with_buckets(kind):
     few = run_ranks(_count_syncs, 2, kind, 25)[0]
     many = run_ranks(_count_syncs, 2, kind, 1e-4)[0]
