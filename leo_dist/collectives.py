@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .groups import resolve_group
+
 __all__ = ["CollectiveError", "Comm", "CommStats", "Done", "average_gradients", "naming", "sum_in_rank_order"]
 
 # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name); older releases lack the new one.
@@ -326,17 +328,17 @@ class Comm:
         self._count("all_to_all", inp, out, moved, moved)
 
 
-def average_gradients(params, process_group: dist.ProcessGroup | None = None) -> None:
+def average_gradients(params, process_group=None) -> None:
     """All-reduce and average the ``.grad`` of ``params`` in place, in one coalesced call.
 
     For parameters trained by another optimizer (say AdamW on embeddings and norms) beside a
     standalone sharded optimizer: call it after backward and before that optimizer's step, so that
     every gradient is averaged exactly once. Parameters whose grad is None are skipped (every rank
     must skip the same ones). Sends ``2(W−1)/W`` times the gradients' bytes per rank. No-op in a
-    world of one.
+    world of one. ``process_group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group).
     """
+    comm = Comm(resolve_group(process_group))
     grads = [p.grad for p in params if p.grad is not None]
-    comm = Comm(process_group)
     if not grads or not comm.distributed:
         return
     for g in grads:

@@ -121,6 +121,11 @@ def _mesh_run(rank, world, use_mesh):
         ddp([local_grad(0, rank, p.shape, True) for p in net.ps]).backward()
         hooked.step()
         errors["replicas"] = hooked.verify_replicas()
+        g = torch.full((3,), float(rank))
+        probe = torch.nn.Parameter(torch.zeros(3))
+        probe.grad = g
+        leo_dist.average_gradients([probe], process_group=group)
+        errors["average"] = probe.grad.tolist() == [(world - 1) / 2] * 3
     return [p.detach().clone() for p in params], errors
 
 
@@ -131,7 +136,7 @@ def test_device_mesh_is_accepted_as_process_group():
     for a, b in zip(with_mesh[0][0], plain[0][0]):
         assert torch.equal(a, b)
     errors = with_mesh[0][1]
-    assert "1-D" in errors["2d"] and "DeviceMesh" in errors["type"] and errors["replicas"]
+    assert "1-D" in errors["2d"] and "DeviceMesh" in errors["type"] and errors["replicas"] and errors["average"]
 
 
 def _amp_filters(rank, world):
