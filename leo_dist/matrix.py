@@ -11,7 +11,7 @@ Then the update travels (per matrix bucket of shard ``S``):
 * ``update_comm="exact"``: one all-gather of the update in the parameter dtype, ``S·itemsize``
   bytes in per rank;
 * ``update_comm="1bit"``: one all-reduce of one float per matrix row (the row scales), then one
-  all-gather of ``S/8 + 8`` bytes of packed signs per rank (zero bitmaps only when needed), with
+  all-gather of ``S/8`` bytes of packed signs per rank (zero bitmaps only when needed), with
   an error-feedback buffer on the owner (see :mod:`leo_dist.onebit`).
 
 Memory: ``c`` and then ``u`` are formed in place in the averaged gradient shard (which the step
@@ -29,9 +29,9 @@ from torch import Tensor
 
 from .collectives import Comm, naming
 from .functional import apply_update_, leo_scale, update_momentum_
-from .packing import HEADER_BYTES, bit_slice, pack_mask, pack_signs, unpack_signs
+from .packing import bit_slice, pack_mask, pack_signs, unpack_signs
 from .partition import Layout, MatrixSlice, NormLayout, rows_cols_pieces
-from .signs import BitsInFlight, apply_to, rounding_seed, start_gather
+from .signs import Packed, apply_to, rounding_seed
 
 __all__ = ["MatrixStep", "add_row_col_sumsq_", "direction_", "momentum_and_c_", "BLOCK_ELEMS"]
 
@@ -142,15 +142,15 @@ class MatrixStep:
         return self._scratch
 
     def step(self, groups: list[dict[str, Any]], shards: list[Tensor], exp_avgs: list[Tensor],
-             step: int = 0) -> list[tuple[BitsInFlight, Callable[[Tensor, Tensor | None], None]]]:
+             step: int = 0) -> list[Packed]:
         """Step every matrix bucket; ``shards``/``exp_avgs`` are indexed by bucket (averaged float32
         gradient shards, consumed: overwritten with ``c``, then the update; momentum shards,
         updated in place); ``step`` keys the stochastic bf16 rounding. Two small all-reduces for
         all matrices together, then the update exchange.
 
-        Exact updates are applied before this returns. 1-bit updates are left in flight: returns
-        ``(flight, apply)`` per bucket, for :meth:`leo_dist.signs.SignStep.finish` to finish
-        together with the sign buckets (one host sync for all) and call ``apply(bits, zbits)``."""
+        Exact updates are applied before this returns. 1-bit updates are packed, not sent: returns
+        one :class:`~leo_dist.signs.Packed` per bucket, for :func:`leo_dist.signs.exchange_packed`
+        to send together with the sign buckets (one host sync for all of them)."""
         if not self.buckets:
             return []
         layout, norms_at = self.layout, self.layout.norms
@@ -281,12 +281,12 @@ class MatrixStep:
                                     group, step)
 
     def _send_1bit(self, group_of: Callable[[int], dict[str, Any]], updates: dict[int, Tensor], step: int
-                   ) -> list[tuple[BitsInFlight, Callable[[Tensor, Tensor | None], None]]]:
+                   ) -> list[Packed]:
         """Send Leo's matrix updates as ``α_row·sign(e)`` with error feedback (see :mod:`leo_dist.onebit`).
 
         One all-reduce of R floats per matrix (all matrices together) completes the row means of
-        ``|e|``; then per bucket one all-gather of bits, as for sign buckets, started here and
-        finished by the caller (see :meth:`step`).
+        ``|e|``; then per bucket one all-gather of bits, as for sign buckets, sent by the caller
+        (see :meth:`step`).
         """
         layout, rank = self.layout, self.comm.rank
         rowsum = torch.zeros(layout.row_size, dtype=torch.float32, device=self.device)
@@ -301,22 +301,20 @@ class MatrixStep:
                     rowsum[off + r : off + r + piece.shape[0]] += piece.abs().sum(dim=1)
         with naming("row scale all-reduce"):
             self.comm.all_reduce(rowsum)
-        flights = []
+        packed = []
         for bi in self.buckets:
             b, e = layout.buckets[bi], errors[bi]
-            nb = b.shard // 8
-            send = torch.zeros(nb + HEADER_BYTES, dtype=torch.uint8, device=self.device)
-            pack_signs(e, send[:nb])
+            bits = torch.empty(b.shard // 8, dtype=torch.uint8, device=self.device)
+            pack_signs(e, bits)
             is_zero = e == 0
-            send[nb] = is_zero[: b.valid_in_shard(rank)].any().to(torch.uint8)
-            zeros = pack_mask(is_zero)
-            flights.append(start_gather(self.comm, send, zeros, bi))  # travels while the next bucket packs
+            has_zero = is_zero[: b.valid_in_shard(rank)].any()
+            packed.append(Packed(bits, pack_mask(is_zero), has_zero, bi, self._applier(bi, group_of(bi), rowsum, step)))
             # the owner keeps what α·sign(e) does not carry
             for _, sl, x in layout.owned_views(bi, e):
                 alpha = rowsum[layout.row_offsets[sl.matrix] : layout.row_offsets[sl.matrix] + sl.rows] / sl.cols
                 for piece, r, _ in rows_cols_pieces(x, sl.start, sl.cols):
                     piece.sub_(torch.sign(piece) * alpha[r : r + piece.shape[0], None])
-        return [(f, self._applier(bi, group_of(bi), rowsum, step)) for bi, f in zip(self.buckets, flights)]
+        return packed
 
     def _applier(self, bi: int, group: dict[str, Any], rowsum: Tensor, step: int):
         """What to do with bucket ``bi``'s gathered bits: ``α_row·sign`` applied to each matrix."""

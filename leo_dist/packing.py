@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["pack_signs", "pack_mask", "unpack_signs", "packed_size", "bit_slice", "HEADER_BYTES"]
+__all__ = ["pack_signs", "pack_mask", "unpack_signs", "packed_size", "bit_slice"]
 
 # Moves byte j of a little-endian int64 holding eight 0/1 bytes to bit 56 + j. The partial
 # products land on 64 distinct bit positions, so no carry can reach the top byte.
@@ -95,10 +95,6 @@ def unpack_signs(
     return sign
 
 
-# Bytes after each rank's packed bits in a sign all-gather; byte 0 says "this shard has exact zeros".
-HEADER_BYTES = 8
-
-
 def bit_slice(bits: Tensor, offset: int, n: int) -> Tensor:
     """Bytes whose bit 0 is bit ``offset`` of ``bits``, covering ``n`` bits.
 
@@ -109,7 +105,9 @@ def bit_slice(bits: Tensor, offset: int, n: int) -> Tensor:
     nb = (n + 7) // 8
     if r == 0:
         return bits[q : q + nb]
-    seg = bits[q : q + nb + 1].to(torch.int32)
-    if seg.numel() < nb + 1:
-        seg = torch.cat([seg, seg.new_zeros(nb + 1 - seg.numel())])
-    return (((seg[:-1] >> r) | (seg[1:] << (8 - r))) & 0xFF).to(torch.uint8)
+    # in uint8, where << drops the bits shifted past bit 7: one output-sized tensor and one
+    # temporary, not int32 copies
+    out = bits[q : q + nb] >> r
+    hi = bits[q + 1 : q + nb + 1] << (8 - r)
+    out[: hi.numel()] |= hi
+    return out

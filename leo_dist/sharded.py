@@ -16,7 +16,7 @@ local arithmetic        Triton / C / torch                         :func:`~leo_d
 ======================  =========================================  ==============================
 
 Bytes per rank and step: the exchange sends ``(W−1)/W·N·wire_bytes``; sign buckets all-gather
-``S/8 + 8`` bytes per rank and bucket; Leo's matrices add two all-reduces of ``O(rows+cols)``
+``S/8`` bytes per rank and bucket (and one float per bucket in one all-reduce for all); Leo's matrices add two all-reduces of ``O(rows+cols)``
 floats and send their update in the parameter dtype (``update_comm="exact"``) or as bits plus one
 all-reduce of one float per row (``"1bit"``). Every rank decodes and applies the same bytes with
 the same arithmetic, so replicas stay bitwise identical.
@@ -46,6 +46,7 @@ from .dispatch import select_backend
 from .exchange import GradientExchange
 from .groups import resolve_group
 from .matrix import MatrixStep
+from .signs import exchange_packed
 from .partition import Layout
 from .signs import SignStep
 from .validation import (check_hyperparameters, check_momentum_dtype, check_param, check_params_unique,
@@ -208,15 +209,13 @@ class _ShardedOptimizer(Optimizer):
             return loss
         kept = self._save_untouched(absent)
         groups = self.param_groups
-        # sign buckets first: their all-gathers travel while the matrices are stepped
-        with self._phase("sign update all-gather"):
-            pending = [self._signs.launch(self._layout.buckets[bi], groups[self._layout.buckets[bi].group_index],
-                                          shards[bi], self._momentum[bi], index=bi)
-                       for bi in self._layout.kind_buckets("sign")]
         with self._phase("Leo matrix norms / update all-gather"):
-            in_flight = self._matrices.step(groups, shards, self._momentum, self._steps_done)
+            packed = self._matrices.step(groups, shards, self._momentum, self._steps_done)
+        packed += [self._signs.pack(self._layout.buckets[bi], groups[self._layout.buckets[bi].group_index],
+                                    shards[bi], self._momentum[bi], bi, self._steps_done)
+                   for bi in self._layout.kind_buckets("sign")]
         with self._phase("update all-gather"):
-            self._signs.finish(pending, self._steps_done, in_flight)
+            exchange_packed(self._comm, packed)
         self._restore_untouched(kept)
         self._end_step(completed=True)
         return loss

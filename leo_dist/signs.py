@@ -4,28 +4,33 @@
 parameters), packs the signs of ``c`` 8 per byte, all-gathers them and applies
 ``p ← p·(1−lr·wd) − lr·scale·sign`` to every parameter of the bucket on every rank.
 
-Bytes per rank and bucket: one all-gather of ``S/8 + 8`` bytes in (``W·(S/8 + 8)`` out), and only
-when some valid ``c`` is exactly 0 on some rank (a flag in the 8-byte header) a second all-gather
-of the ``S/8``-byte zero bitmaps, so that exact zeros get no step.
+Bytes per rank and bucket: one all-gather of ``S/8`` bytes in (``W·S/8`` out), and only when
+some valid ``c`` is exactly 0 on some rank a second all-gather of the ``S/8``-byte zero bitmaps,
+so that exact zeros get no step. Which buckets need it is decided for all of them at once: one
+all-reduce (MAX) of one float per bucket, per step.
 
-Overlap and host syncs: :meth:`SignStep.launch` steps one bucket and starts its all-gather without
-waiting; the next bucket's local step runs while it travels. :meth:`SignStep.finish` then reads
-every bucket's zero flag with one host sync for all of them (not one per bucket) before applying.
+Order, overlap and memory: :meth:`SignStep.pack` steps one bucket locally (momentum, bits, zero
+bitmap: ``2·S/8`` bytes kept); :func:`exchange_packed` then reads the zero flags of every packed
+bucket with one all-reduce and one host sync (not one per bucket), and all-gathers the buckets
+with :data:`IN_FLIGHT` of them on the wire while the previous one is applied. So the gathered
+bits alive at once are ``(IN_FLIGHT + 1)·W·S/8`` bytes, bounded by the bucket size, not by N.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .collectives import Comm, naming
 from .functional import apply_update_
-from .packing import HEADER_BYTES, bit_slice, unpack_signs
+from .packing import bit_slice, unpack_signs
 from .partition import Bucket
 
-__all__ = ["SignStep", "BitsInFlight", "start_gather", "finish_gathers", "apply_to", "rounding_seed"]
+__all__ = ["SignStep", "Packed", "exchange_packed", "IN_FLIGHT", "apply_to", "rounding_seed"]
 
 
 def rounding_seed(step: int, param_index: int) -> int:
@@ -34,38 +39,44 @@ def rounding_seed(step: int, param_index: int) -> int:
     return (step * 1_000_003 + param_index) & 0x7FFFFFFF
 
 
-def start_gather(comm: Comm, send: Tensor, zeros: Tensor, index: int) -> "BitsInFlight":
-    """Start the all-gather of one bucket's packed bits; no host sync.
+#: buckets whose bits are on the wire while the previous bucket is applied
+IN_FLIGHT = 2
 
-    ``send`` is uint8 ``[S/8 + 8]`` (bits, then the header whose byte 0 flags exact zeros),
-    ``zeros`` uint8 ``[S/8]`` (the zero bitmap, sent later only if some rank has zeros); ``index``
-    names the bucket if the collective fails. ``W·(S/8 + 8)`` bytes arrive.
+
+def exchange_packed(comm: Comm, packed: list["Packed"]) -> None:
+    """All-gather and apply every packed bucket, in order (collective; the same list on every rank).
+
+    One all-reduce (MAX) of ``len(packed)`` floats and one host sync decide which buckets also
+    send their zero bitmaps; then bucket ``k``'s bits (``W·S/8`` bytes arrive) are waited for and
+    handed to ``packed[k].apply(bits, zbits)`` while buckets ``k+1 … k+IN_FLIGHT`` travel.
     """
-    gathered = torch.empty(comm.world * send.numel(), dtype=torch.uint8, device=send.device)
-    return BitsInFlight(zeros, gathered, comm.all_gather_start(gathered, send), send, index)
-
-
-def finish_gathers(comm: Comm, flights: list["BitsInFlight"]) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """Wait for every bucket's bits; then, with one host sync for all of them, read which buckets
-    carry exact zeros on some rank. Yields per bucket, in order, the bits of the whole bucket
-    (``W·S/8`` bytes, rank order) and its zero bitmap (all-gathered only for those buckets) or None.
-    A generator, so that only one bucket's decoded bits are alive at a time: consume it fully, on
-    every rank alike (the zero bitmaps are collectives)."""
-    if not flights:
+    if not packed:
         return
-    for f in flights:
-        with naming(f"bucket {f.index}"):
-            f.work.wait()
-    tables = [f.gathered.view(comm.world, -1) for f in flights]
-    flags = torch.stack([t[:, f.zeros.numel()].any() for t, f in zip(tables, flights)]).tolist()
-    for f, table, has_zeros in zip(flights, tables, flags):
-        nb = f.zeros.numel()
+    flags = torch.stack([p.has_zero.reshape(()) for p in packed]).float()
+    with naming("zero-flag all-reduce"):
+        comm.all_reduce(flags, dist.ReduceOp.MAX)
+    has_zeros = flags.tolist()  # the one host sync for every bucket's zero flag
+
+    def start(k: int):
+        p = packed[k]
+        bits = torch.empty(comm.world * p.bits.numel(), dtype=torch.uint8, device=p.bits.device)
+        works = [comm.all_gather_start(bits, p.bits)]
         zbits = None
-        if has_zeros:
-            zbits = torch.empty(comm.world * nb, dtype=torch.uint8, device=table.device)
-            with naming(f"bucket {f.index} (zero bitmap)"):
-                comm.all_gather(zbits, f.zeros)
-        yield table[:, :nb].reshape(-1), zbits
+        if has_zeros[k] > 0:
+            zbits = torch.empty_like(bits)
+            works.append(comm.all_gather_start(zbits, p.zeros))
+        return bits, zbits, works
+
+    with naming(f"bucket {packed[0].index}"):
+        ahead = deque(start(k) for k in range(min(IN_FLIGHT, len(packed))))
+    for k, p in enumerate(packed):
+        bits, zbits, works = ahead.popleft()
+        with naming(f"bucket {p.index}"):
+            for w in works:
+                w.wait()
+            if k + IN_FLIGHT < len(packed):
+                ahead.append(start(k + IN_FLIGHT))
+        p.apply(bits, zbits)
 
 
 def apply_to(param: Tensor, fn: Callable[[Tensor], None]) -> None:
@@ -91,32 +102,21 @@ class SignStep:
         self.comm, self.backend, self.leo = comm, backend, leo
         self.stochastic_bf16 = stochastic_bf16
 
-    def launch(self, b: Bucket, group: dict[str, Any], grad: Tensor, exp_avg: Tensor, index: int = 0) -> "_Pending":
-        """Local step of bucket ``b`` and the start of its all-gather; no host sync.
+    def pack(self, b: Bucket, group: dict[str, Any], grad: Tensor, exp_avg: Tensor, index: int,
+             step: int) -> "Packed":
+        """Local step of bucket ``b``; no host sync, nothing sent yet (see :func:`exchange_packed`).
 
         ``grad`` is this rank's averaged float32 shard (read only), ``exp_avg`` its momentum shard
-        (updated in place). The all-gather runs while the caller steps the next bucket. ``index``
-        (the bucket's position in the layout) names it if the all-gather fails.
+        (updated in place); ``index`` (the bucket's position in the layout) names it if a
+        collective fails; ``step`` seeds stochastic bf16 rounding (the same on every rank).
         """
         beta1, beta2 = group["betas"]
         nb = b.shard // 8
-        send = torch.zeros(nb + HEADER_BYTES, dtype=torch.uint8, device=grad.device)
+        bits = torch.empty(nb, dtype=torch.uint8, device=grad.device)
         zeros = torch.empty(nb, dtype=torch.uint8, device=grad.device)
-        send[nb] = self.backend.sign_shard_step_(grad, exp_avg, send[:nb], zeros,
-                                                 b.valid_in_shard(self.comm.rank), beta1, beta2)
-        return _Pending(b, group, start_gather(self.comm, send, zeros, index))
-
-    def finish(self, pending: list["_Pending"], step: int = 0,
-               more: Sequence[tuple["BitsInFlight", Callable[[Tensor, Tensor | None], None]]] = ()) -> None:
-        """Wait for every launched bucket, then decode and apply (see :func:`finish_gathers`: one
-        host sync for all buckets). ``step`` seeds stochastic bf16 rounding (the same on every rank).
-        ``more``: other buckets' bits in flight (Leo's 1-bit matrix updates), finished in the same
-        host sync, each then handed to its ``apply(bits, zbits)``."""
-        flights = [p.flight for p in pending] + [f for f, _ in more]
-        applies = [lambda bits, zbits, p=p: self._apply(p.bucket, p.group, bits, zbits, step) for p in pending]
-        applies += [apply for _, apply in more]
-        for apply, (bits, zbits) in zip(applies, finish_gathers(self.comm, flights)):
-            apply(bits, zbits)
+        flag = self.backend.sign_shard_step_(grad, exp_avg, bits, zeros, b.valid_in_shard(self.comm.rank),
+                                             beta1, beta2)
+        return Packed(bits, zeros, flag, index, lambda bits, zbits: self._apply(b, group, bits, zbits, step))
 
     def _apply(self, b: Bucket, group: dict[str, Any], bits: Tensor, zbits: Tensor | None, step: int) -> None:
         """Decode bucket ``b``'s bits (``W·S/8`` bytes) and apply them to every parameter in it."""
@@ -137,20 +137,11 @@ class SignStep:
 
 
 @dataclass
-class BitsInFlight:
-    """One bucket's packed bits on their way to every rank."""
+class Packed:
+    """One bucket's packed update on this rank, before it travels."""
 
-    zeros: Tensor           # this rank's zero bitmap, S/8 bytes
-    gathered: Tensor        # every rank's bits + header, W·(S/8 + 8) bytes
-    work: Any               # the all-gather's handle
-    send: Tensor            # kept alive until the all-gather is done
+    bits: Tensor            # uint8 [S/8]: the signs of this rank's shard
+    zeros: Tensor           # uint8 [S/8]: its bitmap of exact zeros
+    has_zero: Tensor        # 0-d, on the device: some valid element of the shard is exactly zero
     index: int              # the bucket's position in the layout
-
-
-@dataclass
-class _Pending:
-    """A sign bucket between its local step and its apply."""
-
-    bucket: Bucket
-    group: dict[str, Any]
-    flight: BitsInFlight
+    apply: Callable[[Tensor, Tensor | None], None]   # (whole bucket's bits, zero bitmap or None)

@@ -188,9 +188,9 @@ def _leo_phases(shapes: Shapes, world: int, grad_bytes: float, leo: bool, update
     sign_buckets = _buckets(4 * n_sign, LEO_BUCKET_BYTES)
     mat_buckets = _buckets(4 * n_mat, LEO_BUCKET_BYTES)
     phases = [Phase("reduce_scatter (grads)", _ring(world) * grad_bytes * n, sign_buckets + mat_buckets),
-              # each rank's packed bits plus an 8-byte header go to the W-1 others
-              Phase("all_gather (1-bit signs)", _ring(world) * n_sign / 8 + (world - 1) * 8 * sign_buckets,
-                    sign_buckets)]
+              # each rank's packed bits go to the W-1 others (the zero flags, one float per bucket, are
+              # one small all-reduce, left out like the other side information)
+              Phase("all_gather (1-bit signs)", _ring(world) * n_sign / 8, sign_buckets)]
     if n_mat:
         upd = n_mat / 8 if update_bits else 4 * n_mat
         phases.append(Phase("all_gather (matrix updates)", _ring(world) * upd, mat_buckets))
