@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .collectives import Comm, naming
+from .exact_gather import ExactGather
 from .functional import apply_update_, leo_scale, update_momentum_
 from .packing import HEADER_BYTES, bit_slice, pack_mask, pack_signs, unpack_signs
 from .partition import Layout, MatrixSlice, NormLayout, rows_cols_pieces
@@ -131,7 +132,7 @@ class MatrixStep:
             for bi in self.buckets:
                 self.update_error[bi] = torch.zeros(layout.buckets[bi].shard, dtype=torch.float32, device=device)
         self._scratch: Tensor | None = None
-        self._gather: Tensor | None = None
+        self._gather = ExactGather(comm, device, max((b.shard for b in layout.buckets), default=0), BLOCK_ELEMS)
 
     def _block(self) -> Tensor:
         if self._scratch is None:
@@ -187,30 +188,10 @@ class MatrixStep:
 
     def _send_exact(self, b, group: dict[str, Any], u: Tensor, step: int) -> None:
         """All-gather this rank's update shard ``u`` (float32 ``[S]``) in the parameter dtype, a
-        block of columns at a time into one reused buffer, and apply each block to the
-        parameters it covers (the same arithmetic, element by element, as one whole update)."""
-        world, comm = self.comm.world, self.comm
-        cols = max(8, BLOCK_ELEMS // world // 8 * 8)
-        esize = torch.finfo(b.dtype).bits // 8
-        if self._gather is None or self._gather.numel() < world * min(cols, b.shard) * esize:
-            self._gather = torch.empty(world * min(cols, max(x.shard for x in self.layout.buckets)) * esize,
-                                       dtype=torch.uint8, device=self.device)
-        if comm.distributed:
-            moved = (world - 1) * b.shard * esize
-            comm.book("all_gather", b.shard * esize, world * b.shard * esize, moved, moved)
-        for j0 in range(0, b.shard, cols):
-            j1 = min(b.shard, j0 + cols)
-            c = j1 - j0
-            full = self._gather.view(b.dtype)[: world * c].view(world, c)
-            mine = u[j0:j1] if b.dtype == torch.float32 else u[j0:j1].to(b.dtype)
-            comm.all_gather_uncounted(full.view(-1), mine)
-            for r in range(world):
-                lo, hi = r * b.shard + j0, r * b.shard + j1
-                for s in b.slots:
-                    a, e = max(lo, s.offset), min(hi, s.offset + s.numel)
-                    if a >= e:
-                        continue
-                    self._apply(s.param, s.index, a - s.offset, e - s.offset, full[r, a - lo : e - lo], group, step)
+        block of columns at a time into one reused buffer (:class:`~leo_dist.exact_gather.ExactGather`),
+        and apply each block to the parameters it covers (the same arithmetic, element by element,
+        as one whole update)."""
+        self._gather.send(b, u, lambda s, lo, hi, upd: self._apply(s.param, s.index, lo, hi, upd, group, step))
 
     def _send_1bit(self, group_of: Callable[[int], dict[str, Any]], updates: dict[int, Tensor], step: int) -> None:
         """Send Leo's matrix updates as ``α_row·sign(e)`` with error feedback (see :mod:`leo_dist.onebit`).
