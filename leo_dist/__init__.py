@@ -4,6 +4,7 @@ from .collectives import average_gradients
 from .functional import leo_update, lion_update
 from .optim import Leo, Lion, leo_param_groups
 from .packing import pack_mask, pack_signs, unpack_signs
+from .prepare import prepare
 from .sharded import ShardedLeo, ShardedLion
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "lion_update",
     "pack_signs",
     "pack_mask",
+    "prepare",
     "unpack_signs",
 ]
 __version__ = "0.1.0"

@@ -20,8 +20,10 @@ Three ways in and out, none of which ever gathers the whole state onto every ran
 
 Format. The full state has the single-process layout: ``{"state": {i: {"exp_avg": tensor shaped
 like parameter i}}, "param_groups": [...], "leo_dist": {...}}``, parameters numbered across groups
-in order. The sharded form stores each parameter's state flattened (``[numel]``), rank ``r``
-holding the flat range it owns. Both carry ``state_dict["leo_dist"]``: the format, the optimizer's
+in order; a parameter of an ``"adamw"`` group has ``torch.optim.AdamW``'s entries ``step`` (0-d
+float32, the same on every rank; a plain tensor in the sharded form) and ``exp_avg``, ``exp_avg_sq``
+(sharded like the momentum). The sharded form stores each parameter's state flattened
+(``[numel]``), rank ``r`` holding the flat range it owns. Both carry ``state_dict["leo_dist"]``: the format, the optimizer's
 class and modes, and the step count (the 1-bit warm-up). Lossy modes add what they carry between
 steps, world-size independent: ``update_error`` (``update_comm="1bit"``: the owner's error
 buffer, sharded like the momentum) and ``grad_error`` (``grad_comm="1bit"``: the mean over ranks
@@ -39,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .adamw import algorithm_of
 from .validation import check_state_dict
 
 __all__ = ["FORMAT", "full_state_dict", "consolidate", "sharded_state_dict", "load_state_dict",
@@ -84,7 +87,19 @@ def _bucket_states(opt, bi: int) -> dict[str, Tensor]:
     states = {"exp_avg": opt._momentum[bi]}
     if bi in opt._matrices.update_error:
         states["update_error"] = opt._matrices.update_error[bi]
+    if bi in opt._adamw.exp_avg_sq:
+        states["exp_avg_sq"] = opt._adamw.exp_avg_sq[bi]
     return states
+
+
+def _full_entries(opt, b, fulls: dict[str, Tensor], state: dict[int, dict[str, Tensor]]) -> None:
+    """``state[i]`` for each parameter of bucket ``b`` from the bucket-sized tensors ``fulls``:
+    views shaped like the parameter, plus a copy of its ``step`` for AdamW groups (as
+    ``torch.optim.AdamW`` keeps it: a 0-d float32 tensor; every rank holds every count)."""
+    for s in b.slots:
+        state[s.index] = {k: v[s.offset : s.offset + s.numel].view_as(s.param) for k, v in fulls.items()}
+        if "step" in opt.state[s.param]:
+            state[s.index]["step"] = opt.state[s.param]["step"].clone()
 
 
 # ----------------------------------------------------------------------------- full (one rank)
@@ -96,8 +111,7 @@ def full_state_dict(opt) -> dict[str, Any]:
         fulls = {k: v.clone() for k, v in _bucket_states(opt, bi).items()}
         if opt.grad_comm == "1bit":
             fulls["grad_error"] = _mean_grad_error(opt, bi)
-        for s in b.slots:
-            state[s.index] = {k: v[s.offset : s.offset + s.numel].view_as(s.param) for k, v in fulls.items()}
+        _full_entries(opt, b, fulls, state)
     return {"state": dict(sorted(state.items())), "param_groups": _groups(opt), "leo_dist": _meta(opt)}
 
 
@@ -126,8 +140,7 @@ def consolidate(opt, to: int) -> dict[str, Any] | None:
             # an all-reduce, not a reduce: the same bits as the mean a DCP save writes
             fulls["grad_error"] = _mean_grad_error(opt, bi)
         if mine:
-            for s in b.slots:
-                state[s.index] = {k: v[s.offset : s.offset + s.numel].view_as(s.param) for k, v in fulls.items()}
+            _full_entries(opt, b, fulls, state)
     if not mine:
         return None
     return {"state": dict(sorted(state.items())), "param_groups": _groups(opt), "leo_dist": _meta(opt)}
@@ -181,6 +194,9 @@ def sharded_state_dict(opt) -> dict[str, Any]:
                     ranges = [s.owned(*b.shard_range(r)) for r in range(world)]
                     value = _sharded(view, s.numel, ranges, rank, comm.group)
                 state.setdefault(s.index, {})[key] = value
+        for s in b.slots:
+            if "step" in opt.state[s.param]:  # replicated on every rank: a plain tensor for DCP, loaded in place
+                state[s.index]["step"] = opt.state[s.param]["step"]
     # One JSON string for everything that is not a tensor: DCP flattens nested non-tensor
     # containers differently at save and at load across its format versions; a string is a leaf.
     meta = dict(_meta(opt), param_groups=[{k: _jsonable(v) for k, v in g.items()} for g in _groups(opt)])
@@ -211,7 +227,20 @@ def _check_groups(opt, groups: Any) -> list[int]:
     for mine, saved in zip(opt.param_groups, groups):
         if len(saved["params"]) != len(mine["params"]):
             raise ValueError("state_dict's param groups hold different numbers of parameters")
+    _check_algorithms(opt, groups)
     return [i for g in groups for i in g["params"]]
+
+
+def _check_algorithms(opt, groups: Any) -> None:
+    """``ValueError`` when a saved group follows another rule ("adamw", "leo", ...) than this
+    optimizer's group at its position: its state would land in the wrong kind of bucket."""
+    if not isinstance(groups, list):
+        return
+    for gi, (mine, saved) in enumerate(zip(opt.param_groups, groups)):
+        theirs = algorithm_of(saved, opt._algorithm) if isinstance(saved, dict) else None
+        if theirs is not None and theirs != algorithm_of(mine, opt._algorithm):
+            raise ValueError(f"state_dict's param_groups[{gi}] has algorithm {theirs!r}, this optimizer's has "
+                             f"{algorithm_of(mine, opt._algorithm)!r}")
 
 
 def _restore_groups_and_steps(opt, groups: list[dict[str, Any]], meta: dict[str, Any]) -> None:
@@ -264,6 +293,8 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
     """
     if isinstance(state_dict, dict) and isinstance(state_dict.get("leo_dist"), dict):
         _check_meta(opt, state_dict["leo_dist"], "state_dict")  # first: it names the optimizer that saved it
+    if isinstance(state_dict, dict):
+        _check_algorithms(opt, state_dict.get("param_groups"))  # before the key checks, which blame "another optimizer"
     check_state_dict(state_dict, opt.param_groups, type(opt).__name__)
     saved_ids = _check_groups(opt, state_dict.get("param_groups"))
     state = state_dict.get("state", {})
@@ -275,10 +306,12 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
     for bi, s, entry in entries:
         b = opt._layout.buckets[bi]
         a, e = s.owned(*b.shard_range(rank))
-        if "exp_avg" in entry:
-            opt.state[s.param]["exp_avg"].copy_(entry["exp_avg"].reshape(-1)[a:e])
-        if "update_error" in entry and "update_error" in opt.state[s.param]:
-            opt.state[s.param]["update_error"].copy_(entry["update_error"].reshape(-1)[a:e])
+        mine = opt.state[s.param]
+        for key in ("exp_avg", "update_error", "exp_avg_sq"):
+            if key in entry and key in mine:
+                mine[key].copy_(entry[key].reshape(-1)[a:e])
+        if "step" in entry and "step" in mine:
+            mine["step"].copy_(torch.as_tensor(entry["step"], dtype=torch.float32).reshape(()))
         if "grad_error" in entry and opt.grad_comm == "1bit":
             opt._exchange.grad_error[bi][s.offset : s.offset + s.numel].copy_(entry["grad_error"].reshape(-1))
     _restore_groups_and_steps(opt, state_dict["param_groups"], state_dict.get("leo_dist", {}))

@@ -12,6 +12,7 @@ Definitions (docs/design.md, "The maths, once"), for momentum ``m``, gradient ``
     Leo 2-D: u = c/(‖rows‖+ε) + c/(‖cols‖+ε);  update = align·u / (sqrt(mean(u²)+ε)+ε)
     Leo else: update = align·sign(c)
     p      ← p·(1 − η·λ) − η·update
+    AdamW:   torch.optim.AdamW's rule (decoupled decay, bias correction; :func:`adamw_update_`)
 
 ``sign(0) = 0``. The decay-and-step arithmetic is one function, :func:`apply_update_`, used by every
 path that touches parameters, so that replicas computed from the same update bytes are identical.
@@ -32,6 +33,7 @@ __all__ = [
     "leo_scale",
     "apply_update_",
     "round_bf16_stochastic_",
+    "adamw_update_",
 ]
 
 
@@ -115,6 +117,37 @@ def round_bf16_stochastic_(dst: Tensor, x: Tensor, seed: int, offset: int = 0) -
     # probability (dropped bits)/2^16: unbiased on the magnitude, hence on the value
     rounded = ((bits + noise) & ~0xFFFF).view(torch.float32)
     dst.copy_(torch.where(finite, rounded, x))
+
+
+def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: float, lr: float,
+                  beta1: float, beta2: float, eps: float, weight_decay: float, out: Tensor | None = None) -> None:
+    """One ``torch.optim.AdamW`` step (``amsgrad=False``, ``maximize=False``) on one tensor, in float32.
+
+    ``exp_avg`` (float32 or bfloat16) and ``exp_avg_sq`` (float32) are updated in place from
+    ``grad``; ``step`` is the parameter's step count *after* this step (1 at the first), as torch
+    counts it. The new parameter value ``p·(1−lr·λ) − lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps)``
+    is written to ``out`` (default: ``param`` itself), rounded to nearest when ``out`` is not
+    float32; ``out`` may alias ``grad``, which is read before it is written. All tensors hold the
+    same number of elements. The float32 operations are torch's single-tensor AdamW's, in its
+    order, so a float32 parameter gets torch's bits.
+    """
+    g = _f32(grad)
+    m = _f32(exp_avg)
+    m.lerp_(g, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    if m is not exp_avg:
+        exp_avg.copy_(m)
+    step_size = lr / (1.0 - beta1 ** step)
+    denom = (exp_avg_sq.sqrt() / (1.0 - beta2 ** step) ** 0.5).add_(eps)
+    out = param if out is None else out
+    p = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    if p is not param:
+        p.copy_(param.reshape(p.shape))  # grad (when out aliases it) is no longer needed
+    if weight_decay != 0.0:
+        p.mul_(1.0 - lr * weight_decay)
+    p.addcdiv_(m.view(p.shape), denom.view(p.shape), value=-step_size)
+    if p is not out:
+        out.copy_(p)
 
 
 def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor]) -> None:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .collectives import Comm, naming
+from .exact_gather import ExactGather
 from .functional import apply_update_, leo_scale, update_momentum_
 from .packing import bit_slice, pack_mask, pack_signs, unpack_signs
 from .partition import Layout, MatrixSlice, NormLayout, rows_cols_pieces
@@ -134,7 +135,7 @@ class MatrixStep:
             for bi in self.buckets:
                 self.update_error[bi] = torch.zeros(layout.buckets[bi].shard, dtype=torch.float32, device=device)
         self._scratch: Tensor | None = None
-        self._gather: Tensor | None = None
+        self._gather = ExactGather(comm, device, max((b.shard for b in layout.buckets), default=0), BLOCK_ELEMS)
 
     def _block(self) -> Tensor:
         if self._scratch is None:
@@ -238,47 +239,14 @@ class MatrixStep:
 
     def _send_exact(self, group_of: Callable[[int], dict[str, Any]], updates: dict[int, Tensor], step: int) -> None:
         """All-gather every bucket's update shard (float32 ``[S]``, in ``updates``) in the parameter
-        dtype and apply it, a block of columns at a time: block ``k+1`` travels while block ``k``
-        is applied, through two reused buffers of ``W·block`` elements. The arithmetic, element
-        by element, is that of one whole update."""
-        world, comm, layout = self.comm.world, self.comm, self.layout
-        cols = max(8, BLOCK_ELEMS // world // 8 * 8)
-        blocks = [(bi, j0, min(layout.buckets[bi].shard, j0 + cols))
-                  for bi in self.buckets for j0 in range(0, layout.buckets[bi].shard, cols)]
-        if not blocks:
-            return
-        if self._gather is None:
-            self._gather = torch.empty(2, world * cols * 4, dtype=torch.uint8, device=self.device)
-        for bi in self.buckets:
-            b = layout.buckets[bi]
-            esize = torch.finfo(b.dtype).bits // 8
-            if comm.distributed:
-                moved = (world - 1) * b.shard * esize
-                comm.book("all_gather", b.shard * esize, world * b.shard * esize, moved, moved)
-
-        def start(k: int):
-            bi, j0, j1 = blocks[k]
-            dtype = layout.buckets[bi].dtype
-            full = self._gather[k % 2].view(dtype)[: world * (j1 - j0)].view(world, j1 - j0)
-            mine = updates[bi][j0:j1].to(dtype)  # a copy only when the parameters are not float32
-            with naming(f"update all-gather, bucket {bi}"):
-                return full, mine, comm.all_gather_start(full.view(-1), mine, count=False)
-
-        ahead = start(0)
-        for k, (bi, j0, j1) in enumerate(blocks):
-            full, _, work = ahead
-            if k + 1 < len(blocks):
-                ahead = start(k + 1)
-            with naming(f"update all-gather, bucket {bi}"):
-                work.wait()
-            b, group = layout.buckets[bi], group_of(bi)
-            for r in range(world):
-                lo, hi = r * b.shard + j0, r * b.shard + j1
-                for s in b.slots:
-                    a, e = max(lo, s.offset), min(hi, s.offset + s.numel)
-                    if a < e:
-                        self._apply(s.param, s.index, a - s.offset, e - s.offset, full[r, a - lo : e - lo],
-                                    group, step)
+        dtype and apply it, a block of columns at a time, the next block on the wire while one is
+        applied (:class:`~leo_dist.exact_gather.ExactGather`). The arithmetic, element by
+        element, is that of one whole update."""
+        def applier(bi: int):
+            group = group_of(bi)
+            return lambda s, lo, hi, upd: self._apply(s.param, s.index, lo, hi, upd, group, step)
+        self._gather.send_all([(self.layout.buckets[bi], updates[bi], applier(bi), f"bucket {bi}")
+                               for bi in self.buckets])
 
     def _send_1bit(self, group_of: Callable[[int], dict[str, Any]], updates: dict[int, Tensor], step: int
                    ) -> list[Packed]:

@@ -1,7 +1,7 @@
 """Flat buckets of parameters and the contiguous range of each bucket that each rank owns.
 
 A bucket holds parameters of one param group, one update kind ("sign": 1-bit updates; "matrix":
-Leo's 2-D rule) and one dtype, laid end to end in parameter order (no gaps between them) and
+Leo's 2-D rule; "adamw": AdamW groups, new values sent at full width) and one dtype, laid end to end in parameter order (no gaps between them) and
 padded at the end to a multiple of ``8·W`` elements. Rank ``r`` owns elements
 ``[r·S, (r+1)·S)`` with ``S = padded / W``, a multiple of 8, so every rank's packed bits are whole
 bytes. A boundary may fall anywhere inside a parameter, inside a matrix row, and a rank may own
@@ -39,7 +39,7 @@ class Slot:
 @dataclass
 class Bucket:
     group_index: int
-    kind: str                    # "sign" | "matrix"
+    kind: str                    # "sign" | "matrix" | "adamw"
     dtype: torch.dtype
     slots: list[Slot] = field(default_factory=list)
     numel: int = 0               # elements used by parameters
@@ -143,7 +143,7 @@ class NormLayout:
 class Layout:
     """Where every parameter of a sharded optimizer lives; fixed at construction, the same on all ranks.
 
-    ``groups[g]`` lists ``(param, kind)`` for param group ``g`` (kind "sign", "matrix", or None for a
+    ``groups[g]`` lists ``(param, kind)`` for param group ``g`` (kind "sign", "matrix", "adamw", or None for a
     parameter the optimizer does not hold, which keeps its number but gets no place); ``rank``
     is this rank's index among ``world``.
 
@@ -188,7 +188,7 @@ class Layout:
         self.row_size = sum(r for r, _ in shapes)
 
     def kind_buckets(self, kind: str) -> list[int]:
-        """Indices of the buckets of one kind ("sign" or "matrix"), in order."""
+        """Indices of the buckets of one kind ("sign", "matrix" or "adamw"), in order."""
         return [bi for bi, b in enumerate(self.buckets) if b.kind == kind]
 
     def owned_views(self, bi: int, flat: Tensor):

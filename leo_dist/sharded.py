@@ -12,6 +12,8 @@ layout (once)           parameters → buckets → per-rank shards     :class:`~
 2–3. sign buckets       momentum, packed signs, all-gather, apply  :class:`~leo_dist.signs.SignStep`
 2–3. Leo matrices       cross-shard norms, update, all-gather,     :class:`~leo_dist.matrix.MatrixStep`
                         apply
+2–3. AdamW groups       AdamW on the shard, all-gather the new     :class:`~leo_dist.adamw.AdamWStep`
+                        values in the parameter dtype
 local arithmetic        Triton / C / torch                         :func:`~leo_dist.dispatch.select_backend`
 ======================  =========================================  ==============================
 
@@ -40,6 +42,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import amp, checkpoint, misuse, replicas
+from .adamw import AdamWStep, algorithm_of, resolve_algorithm
 from .collectives import CollectiveError, Comm
 from .ddp_guard import DDPGuard
 from .dispatch import select_backend
@@ -59,6 +62,7 @@ _CHECK_BLOCK = 1 << 18  # elements per block of the non-finite check (a 256 KiB 
 
 class _ShardedOptimizer(Optimizer):
     _leo = False
+    _algorithm = "lion"  # the rule of a param group without an "algorithm" key
 
     def __init__(self, params, defaults: dict[str, Any], *, process_group, grad_comm: str, update_comm: str,
                  bucket_mb: float, momentum_dtype, fused, sync_params: bool, grad_comm_warmup: int = 10,
@@ -90,7 +94,8 @@ class _ShardedOptimizer(Optimizer):
         self._device = flat[0].device
         self._comm = Comm(process_group)
         self._backend = select_backend(fused, flat)
-        kinds = [[(p, None if not p.requires_grad else "matrix" if self._leo and g["orthogonalize"] and p.ndim == 2
+        kinds = [[(p, None if not p.requires_grad else "adamw" if algorithm_of(g, self._algorithm) == "adamw"
+                   else "matrix" if self._leo and g["orthogonalize"] and p.ndim == 2
                    else "sign") for p in g["params"]] for g in self.param_groups]
         self._layout = Layout(kinds, self._comm.world, self._comm.rank, int(bucket_mb * 2**20))
         with self._comm.stats.outside_step():
@@ -108,6 +113,7 @@ class _ShardedOptimizer(Optimizer):
         self._signs = SignStep(self._comm, self._backend, self._leo, stochastic_bf16=bf16_rounding == "stochastic")
         self._matrices = MatrixStep(self._layout, self._comm, update_comm, self._device,
                                     stochastic_bf16=bf16_rounding == "stochastic", kernels=self._backend.kernels)
+        self._adamw = AdamWStep(self._layout, self._comm, self._device)
         self._init_state()
         self._hook_scaler: Any = None
         self._hook_attached = False
@@ -131,6 +137,8 @@ class _ShardedOptimizer(Optimizer):
         if getattr(self, "_frozen", False):
             raise RuntimeError("sharded optimizers fix their bucket layout at construction; add_param_group "
                                "afterwards is not supported: build a new optimizer with every group")
+        if isinstance(param_group, dict):
+            resolve_algorithm(param_group, self._algorithm, len(self.param_groups))  # before torch fills our defaults
         super().add_param_group(param_group)
         check_hyperparameters(self.param_groups[-1])
 
@@ -145,6 +153,9 @@ class _ShardedOptimizer(Optimizer):
         for bi, e in self._matrices.update_error.items():
             for s, _, x in self._layout.owned_views(bi, e):
                 self.state[s.param]["update_error"] = x
+        for bi, v in self._adamw.exp_avg_sq.items():
+            for k, (s, _, x) in enumerate(self._layout.shard_views(bi, v)):
+                self.state[s.param].update(exp_avg_sq=x, step=self._adamw.steps[bi][k])
 
     def _attach_hook(self, grad_scaler: Any) -> GradientExchange:
         """Called by :func:`leo_dist.hooks.attach`: gradients now arrive through the DDP hook
@@ -157,10 +168,13 @@ class _ShardedOptimizer(Optimizer):
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer state this rank holds between steps, by kind: ``exp_avg`` (the
-        momentum shards, padding included), ``update_error`` and ``grad_error`` (1-bit modes)."""
+        momentum shards, padding included), ``update_error`` and ``grad_error`` (1-bit modes),
+        ``exp_avg_sq`` (AdamW groups' float32 shards; their step counts, 4 bytes per parameter on
+        the CPU, are not counted)."""
         nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
         return {"exp_avg": nbytes(self._momentum), "update_error": nbytes(self._matrices.update_error.values()),
-                "grad_error": nbytes(self._exchange.grad_error.values())}
+                "grad_error": nbytes(self._exchange.grad_error.values()),
+                "exp_avg_sq": nbytes(self._adamw.exp_avg_sq.values())}
 
     @property
     def layout(self) -> Layout:
@@ -211,6 +225,8 @@ class _ShardedOptimizer(Optimizer):
         groups = self.param_groups
         with self._phase("Leo matrix norms / update all-gather"):
             packed = self._matrices.step(groups, shards, self._momentum, self._steps_done)
+        with self._phase("AdamW parameter all-gather"):
+            self._adamw.step(groups, shards, self._momentum)
         packed += [self._signs.pack(self._layout.buckets[bi], groups[self._layout.buckets[bi].group_index],
                                     shards[bi], self._momentum[bi], bi, self._steps_done)
                    for bi in self._layout.kind_buckets("sign")]
@@ -258,7 +274,7 @@ class _ShardedOptimizer(Optimizer):
         kept = []
         for p in params:
             kept.append((p.data, p.data.clone()))
-            for key in ("exp_avg", "update_error"):
+            for key in ("exp_avg", "update_error", "exp_avg_sq", "step"):
                 view = self.state[p].get(key)
                 if view is not None and view.numel():
                     kept.append((view, view.clone()))
@@ -408,6 +424,13 @@ class ShardedLion(_ShardedOptimizer):
     Parameters with ``requires_grad=False`` are not held (no state, never stepped); a parameter that
     no rank has a gradient for in a step is left untouched, as by the single-process optimizers; one
     that has a gradient on some ranks only is averaged with zeros from the others.
+
+    Group key ``algorithm``: the optimizer's own rule ("lion" here, "leo" for ShardedLeo; the
+    default) or "adamw": ``torch.optim.AdamW`` on that group (state ``step``, ``exp_avg``,
+    ``exp_avg_sq``; its new values travel exact in the parameter dtype, whatever
+    ``update_comm``). An "adamw" group takes this optimizer's ``lr`` unless it sets one, but
+    AdamW's own defaults for ``betas`` (0.9, 0.999), ``eps`` (1e-8) and ``weight_decay`` (0.01),
+    never this optimizer's, which mean something else in Lion and Leo. See :mod:`leo_dist.adamw`.
     """
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
@@ -434,6 +457,7 @@ class ShardedLeo(_ShardedOptimizer):
     """
 
     _leo = True
+    _algorithm = "leo"
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.99), weight_decay: float = 0.01,
                  align_const: float = 0.2, eps: float = 1e-8, *, orthogonalize: bool = True, process_group=None,

@@ -116,7 +116,7 @@ _FOREIGN_GROUP_KEYS = {"amsgrad", "momentum", "dampening", "nesterov", "maximize
                        "differentiable", "fused", "decoupled_weight_decay", "lr_decay", "alpha", "centered",
                        "rho", "lambd", "etas", "step_sizes", "momentum_decay", "initial_accumulator_value",
                        "eps", "align_const", "orthogonalize", "max_iter", "history_size", "line_search_fn"}
-_STATE_KEYS = {"exp_avg", "update_error", "grad_error", "step"}
+_STATE_KEYS = {"exp_avg", "update_error", "grad_error", "exp_avg_sq", "step"}
 
 
 def check_state_dict(state_dict: Any, param_groups: list[Mapping[str, Any]], optimizer: str) -> None:
@@ -160,7 +160,7 @@ def check_state_dict(state_dict: Any, param_groups: list[Mapping[str, Any]], opt
         foreign = sorted(set(entry) - _STATE_KEYS)
         if foreign:
             raise ValueError(f"state_dict['state'][{pid!r}] holds {foreign}: the state of another optimizer, not "
-                             f"{optimizer} (whose state is exp_avg, plus update_error/grad_error in 1-bit modes)")
+                             f"{optimizer} (whose state is exp_avg, plus update_error/grad_error in 1-bit modes, exp_avg_sq/step for AdamW groups)")
         for key, value in entry.items():
             if key == "step":
                 continue
