@@ -37,9 +37,20 @@ class _MomentumSignOptimizer(Optimizer):
         """True when the local step runs the Triton kernels (chosen at construction from ``fused``)."""
         return self._backend.name == "triton"
 
+    _algorithm = ""
+
+    def _check_algorithm(self, group: dict[str, Any], where: str) -> None:
+        # a group of the sharded optimizers' "adamw" kind would otherwise be stepped by this rule
+        algo = group.get("algorithm", self._algorithm)
+        if algo != self._algorithm:
+            raise ValueError(f"{where}['algorithm']: {type(self).__name__} steps only {self._algorithm!r} groups, "
+                             f"got {algo!r} (per-group algorithms are a feature of ShardedLion/ShardedLeo; "
+                             "here use a separate torch.optim.AdamW for those parameters)")
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
+            self._check_algorithm(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]")
             check_hyperparameters(self.param_groups[-1])
             for p in self.param_groups[-1]["params"]:
                 check_param(p)
@@ -50,6 +61,8 @@ class _MomentumSignOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch.optim casts floating state to each parameter's dtype on load; the momentum keeps
         # ``momentum_dtype`` instead (fp32 momentum of bf16 parameters must not lose bits).
+        for i, g in enumerate(state_dict.get("param_groups", [])):
+            self._check_algorithm(g, f"state_dict['param_groups'][{i}]")
         saved = {pid: s.get("exp_avg") for pid, s in state_dict["state"].items()}
         super().load_state_dict(state_dict)
         ids = (pid for g in state_dict["param_groups"] for pid in g["params"])
@@ -110,6 +123,8 @@ class Lion(_MomentumSignOptimizer):
             else the multi-tensor torch path; all give the same results.
     """
 
+    _algorithm = "lion"
+
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0,
                  *, momentum_dtype: torch.dtype | None = None, fused: bool | None = None):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
@@ -132,6 +147,8 @@ class Leo(_MomentumSignOptimizer):
     Args: as :class:`Lion`, plus ``align_const`` (> 0, default 0.2), ``eps`` (> 0, default 1e-8)
     and the group key ``orthogonalize``. Defaults: lr 1e-3, weight_decay 0.01.
     """
+
+    _algorithm = "leo"
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.99), weight_decay: float = 0.01,
                  align_const: float = 0.2, eps: float = 1e-8, *, orthogonalize: bool = True,

@@ -267,3 +267,18 @@ def test_prepare_rejects_bad_arguments():
         leo_dist.prepare(nn.Linear(2, 2), rest="sgd")
     with pytest.raises(TypeError, match="rest"):
         leo_dist.prepare(nn.Linear(2, 2), rest=1.0)
+
+
+def test_single_process_optimizers_refuse_other_algorithms():
+    """A sharded state with "adamw" groups must not load into Leo/Lion and be stepped by their rule."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="algorithm"):
+        leo_dist.Leo([{"params": [p], "algorithm": "adamw"}])
+    assert leo_dist.Lion([{"params": [p], "algorithm": "lion"}]).param_groups[0]["algorithm"] == "lion"
+    opt = leo_dist.Leo([p])
+    state = opt.state_dict()
+    state["param_groups"][0]["algorithm"] = "adamw"
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="algorithm"):
+        opt.load_state_dict(state)
+    assert opt.state_dict() == before  # nothing loaded
