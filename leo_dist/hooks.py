@@ -159,5 +159,7 @@ def attach(ddp_model: DistributedDataParallel, optimizer: Any, grad_scaler: Any 
         raise RuntimeError("ddp_model already has a communication hook; DDP allows only one")
     ddp_model.register_comm_hook(state, reduce_scatter_hook)
     optimizer._attach_hook(grad_scaler)
+    if optimizer.overlap_updates:  # the next forward applies the updates step() left in flight
+        optimizer.register_model(ddp_model.module)
     return state
 

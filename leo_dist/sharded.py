@@ -49,6 +49,7 @@ from .dispatch import select_backend
 from .exchange import GradientExchange
 from .groups import resolve_group
 from .matrix import MatrixStep
+from .deferred import DeferredUpdates
 from .signs import exchange_packed
 from .partition import Layout
 from .signs import SignStep
@@ -66,7 +67,9 @@ class _ShardedOptimizer(Optimizer):
 
     def __init__(self, params, defaults: dict[str, Any], *, process_group, grad_comm: str, update_comm: str,
                  bucket_mb: float, momentum_dtype, fused, sync_params: bool, grad_comm_warmup: int = 10,
-                 nonfinite: str = "skip", bf16_rounding: str = "stochastic"):
+                 nonfinite: str = "skip", bf16_rounding: str = "stochastic", overlap_updates: bool = False):
+        if not isinstance(overlap_updates, bool):
+            raise TypeError(f"overlap_updates must be a bool, got {type(overlap_updates).__name__}")
         if grad_comm not in ("fp32", "bf16", "1bit"):
             raise ValueError(f"grad_comm must be one of ['1bit', 'bf16', 'fp32'], got {grad_comm!r}")
         if update_comm not in ("exact", "1bit"):
@@ -114,6 +117,8 @@ class _ShardedOptimizer(Optimizer):
         self._matrices = MatrixStep(self._layout, self._comm, update_comm, self._device,
                                     stochastic_bf16=bf16_rounding == "stochastic", kernels=self._backend.kernels)
         self._adamw = AdamWStep(self._layout, self._comm, self._device)
+        self._deferred = DeferredUpdates(self._layout) if overlap_updates else None
+        self.overlap_updates = overlap_updates
         self._init_state()
         self._hook_scaler: Any = None
         self._hook_attached = False
@@ -190,6 +195,11 @@ class _ShardedOptimizer(Optimizer):
         averaged gradients are unscaled here (or were by the DDP hook), and the step is skipped on
         every rank when any averaged gradient is inf/NaN.
         """
+        if self._deferred is not None and not self._deferred.registered:
+            raise RuntimeError(f"{type(self).__name__}(overlap_updates=True) applies each update in the next forward "
+                               "and needs the model: leo_dist.hooks.attach(ddp_model, opt) registers it, or call "
+                               "opt.register_model(model) in standalone use")
+        self.synchronize()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -231,7 +241,10 @@ class _ShardedOptimizer(Optimizer):
                                     shards[bi], self._momentum[bi], bi, self._steps_done)
                    for bi in self._layout.kind_buckets("sign")]
         with self._phase("update all-gather"):
-            exchange_packed(self._comm, packed)
+            if self._deferred is not None and not kept:
+                self._deferred.launch(self._comm, packed)  # applied by the next forward (leo_dist.deferred)
+            else:  # parameters to restore after the update: apply it now
+                exchange_packed(self._comm, packed)
         self._restore_untouched(kept)
         self._end_step(completed=True)
         return loss
@@ -285,6 +298,23 @@ class _ShardedOptimizer(Optimizer):
         for dst, src in kept:
             dst.copy_(src)
 
+    def synchronize(self) -> None:
+        """Apply every update that ``step()`` left in flight (``overlap_updates=True``); a no-op
+        otherwise. Call it before reading parameters outside their modules' forward (EMA,
+        logging, evaluation code that reads weights directly). Not collective: every all-gather
+        was started in ``step()``."""
+        if getattr(self, "_deferred", None) is not None and len(self._deferred):
+            with self._phase("update all-gather (deferred)"):
+                self._deferred.complete_all()
+
+    def register_model(self, model: torch.nn.Module) -> None:
+        """With ``overlap_updates=True``: the model whose forward applies the pending updates (a
+        forward pre-hook on each module owning a held parameter). ``hooks.attach`` calls it."""
+        if self._deferred is None:
+            raise RuntimeError("register_model is for overlap_updates=True")
+        if not self._deferred.registered:
+            self._deferred.register(model)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim.Optimizer.zero_grad``, and discard gradients already exchanged for a
         step that will not run (a skipped step must not leak into the next one)."""
@@ -308,6 +338,7 @@ class _ShardedOptimizer(Optimizer):
         gradient exchange if the DDP hook has not. Returns the total norm before clipping (as
         ``torch.nn.utils.clip_grad_norm_`` does). Sends one float.
         """
+        self.synchronize()
         max_norm = float(max_norm)
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
@@ -351,6 +382,7 @@ class _ShardedOptimizer(Optimizer):
 
         Sends two int64 checksums per parameter per rank (an all-gather).
         """
+        self.synchronize()
         with self._comm.stats.outside_step():
             return replicas.verify(self._comm, [p for g in self.param_groups for p in g["params"]], self._device)
 
@@ -358,18 +390,21 @@ class _ShardedOptimizer(Optimizer):
     def sharded_state_dict(self) -> dict[str, Any]:
         """This rank's part of the state, for ``torch.distributed.checkpoint`` (every rank calls it,
         then ``dcp.save``/``dcp.load``); see :mod:`leo_dist.checkpoint`."""
+        self.synchronize()
         with self._comm.stats.outside_step():
             return checkpoint.sharded_state_dict(self)
 
     def load_sharded_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Finish resuming from a DCP checkpoint: call on every rank after ``dcp.load`` filled the
         dict that :meth:`sharded_state_dict` returned (saved at any world size)."""
+        self.synchronize()
         with self._comm.stats.outside_step():
             checkpoint.load_sharded_state_dict(self, state_dict)
 
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Collective: gather the full state onto group rank ``to``, whose next :meth:`state_dict`
         returns it (until the next step). The other ranks hold at most one bucket at a time."""
+        self.synchronize()
         with self._comm.stats.outside_step():
             self._consolidated = checkpoint.consolidate(self, to)
 
@@ -381,6 +416,7 @@ class _ShardedOptimizer(Optimizer):
         does not wait for the other ranks). For training checkpoints use DCP with
         :meth:`sharded_state_dict` on every rank: each rank writes only what it owns.
         """
+        self.synchronize()
         if not self._comm.distributed:
             return checkpoint.full_state_dict(self)
         if self._consolidated is not None:
@@ -395,6 +431,7 @@ class _ShardedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a full state (from :meth:`state_dict` at any world size, or from the single-process
         optimizer) on every rank; no communication. See :func:`leo_dist.checkpoint.load_state_dict`."""
+        self.synchronize()
         checkpoint.load_state_dict(self, state_dict)
 
 
@@ -420,6 +457,11 @@ class ShardedLion(_ShardedOptimizer):
             keyed by step and element so replicas stay bitwise equal; a step below half a bf16 ulp
             still lands on average) or "nearest" (as the single-process optimizers round). Chosen
             by measurement: docs/results/bf16_rounding_{lion,leo}.md.
+        overlap_updates: leave the 1-bit update all-gathers in flight when ``step()`` returns and
+            apply each bucket in the next forward, before the first module that uses it (default
+            False). Needs the model: ``hooks.attach`` registers it, or ``opt.register_model(model)``.
+            Raw reads of parameters in between see old values; ``opt.synchronize()`` completes
+            them. Contract and memory: :mod:`leo_dist.deferred`.
 
     Parameters with ``requires_grad=False`` are not held (no state, never stepped); a parameter that
     no rank has a gradient for in a step is left untouched, as by the single-process optimizers; one
@@ -437,12 +479,13 @@ class ShardedLion(_ShardedOptimizer):
                  process_group=None, grad_comm: str = "fp32", bucket_mb: float = 25,
                  momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True,
                  grad_comm_warmup: int = 10, nonfinite: str = "skip",
-                 bf16_rounding: str = "stochastic"):
+                 bf16_rounding: str = "stochastic", overlap_updates: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         weight_decay=weight_decay)
         super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm, update_comm="exact",
                          bucket_mb=bucket_mb, momentum_dtype=momentum_dtype, fused=fused, sync_params=sync_params,
-                         grad_comm_warmup=grad_comm_warmup, nonfinite=nonfinite, bf16_rounding=bf16_rounding)
+                         grad_comm_warmup=grad_comm_warmup, nonfinite=nonfinite, bf16_rounding=bf16_rounding,
+                         overlap_updates=overlap_updates)
 
 
 class ShardedLeo(_ShardedOptimizer):
@@ -464,10 +507,10 @@ class ShardedLeo(_ShardedOptimizer):
                  grad_comm: str = "fp32", update_comm: str = "exact", bucket_mb: float = 25,
                  momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True,
                  grad_comm_warmup: int = 10, nonfinite: str = "skip",
-                 bf16_rounding: str = "stochastic"):
+                 bf16_rounding: str = "stochastic", overlap_updates: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         weight_decay=weight_decay, align_const=align_const, eps=eps, orthogonalize=orthogonalize)
         super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm,
                          update_comm=update_comm, bucket_mb=bucket_mb, momentum_dtype=momentum_dtype, fused=fused,
                          sync_params=sync_params, grad_comm_warmup=grad_comm_warmup, nonfinite=nonfinite,
-                         bf16_rounding=bf16_rounding)
+                         bf16_rounding=bf16_rounding, overlap_updates=overlap_updates)

@@ -30,7 +30,7 @@ from .functional import apply_update_
 from .packing import bit_slice, unpack_signs
 from .partition import Bucket
 
-__all__ = ["SignStep", "Packed", "exchange_packed", "IN_FLIGHT", "apply_to", "rounding_seed"]
+__all__ = ["SignStep", "Packed", "InFlight", "exchange_packed", "start_packed", "IN_FLIGHT", "apply_to", "rounding_seed"]
 
 
 def rounding_seed(step: int, param_index: int) -> int:
@@ -43,6 +43,39 @@ def rounding_seed(step: int, param_index: int) -> int:
 IN_FLIGHT = 2
 
 
+def _zero_flags(comm: Comm, packed: list["Packed"]) -> list[bool]:
+    """Which packed buckets have an exact zero on some rank: one all-reduce (MAX) of one float per
+    bucket, and the one host sync for all of them."""
+    flags = torch.stack([p.has_zero.reshape(()) for p in packed]).float()
+    with naming("zero-flag all-reduce"):
+        comm.all_reduce(flags, dist.ReduceOp.MAX)
+    return [f > 0 for f in flags.tolist()]
+
+
+class InFlight:
+    """One packed bucket's all-gathers (bits, and the zero bitmaps when needed), started."""
+
+    def __init__(self, comm: Comm, p: "Packed", has_zeros: bool):
+        self.packed = p
+        self.bits = torch.empty(comm.world * p.bits.numel(), dtype=torch.uint8, device=p.bits.device)
+        with naming(f"bucket {p.index}"):
+            self.works = [comm.all_gather_start(self.bits, p.bits)]
+            self.zbits = None
+            if has_zeros:
+                self.zbits = torch.empty_like(self.bits)
+                self.works.append(comm.all_gather_start(self.zbits, p.zeros))
+
+    def wait(self) -> None:
+        with naming(f"bucket {self.packed.index}"):
+            for w in self.works:
+                w.wait()
+
+    def finish(self) -> None:
+        """Wait, then apply the bucket's update to every parameter in it."""
+        self.wait()
+        self.packed.apply(self.bits, self.zbits)
+
+
 def exchange_packed(comm: Comm, packed: list["Packed"]) -> None:
     """All-gather and apply every packed bucket, in order (collective; the same list on every rank).
 
@@ -52,31 +85,23 @@ def exchange_packed(comm: Comm, packed: list["Packed"]) -> None:
     """
     if not packed:
         return
-    flags = torch.stack([p.has_zero.reshape(()) for p in packed]).float()
-    with naming("zero-flag all-reduce"):
-        comm.all_reduce(flags, dist.ReduceOp.MAX)
-    has_zeros = flags.tolist()  # the one host sync for every bucket's zero flag
+    has_zeros = _zero_flags(comm, packed)
+    ahead = deque(InFlight(comm, packed[k], has_zeros[k]) for k in range(min(IN_FLIGHT, len(packed))))
+    for k in range(len(packed)):
+        current = ahead.popleft()
+        current.wait()
+        if k + IN_FLIGHT < len(packed):
+            ahead.append(InFlight(comm, packed[k + IN_FLIGHT], has_zeros[k + IN_FLIGHT]))
+        current.finish()
 
-    def start(k: int):
-        p = packed[k]
-        bits = torch.empty(comm.world * p.bits.numel(), dtype=torch.uint8, device=p.bits.device)
-        works = [comm.all_gather_start(bits, p.bits)]
-        zbits = None
-        if has_zeros[k] > 0:
-            zbits = torch.empty_like(bits)
-            works.append(comm.all_gather_start(zbits, p.zeros))
-        return bits, zbits, works
 
-    with naming(f"bucket {packed[0].index}"):
-        ahead = deque(start(k) for k in range(min(IN_FLIGHT, len(packed))))
-    for k, p in enumerate(packed):
-        bits, zbits, works = ahead.popleft()
-        with naming(f"bucket {p.index}"):
-            for w in works:
-                w.wait()
-            if k + IN_FLIGHT < len(packed):
-                ahead.append(start(k + IN_FLIGHT))
-        p.apply(bits, zbits)
+def start_packed(comm: Comm, packed: list["Packed"]) -> list[InFlight]:
+    """Start the all-gathers of every packed bucket at once and return them, for the caller to
+    :meth:`InFlight.finish` later (collective like :func:`exchange_packed`; the bits of all
+    buckets, ``W·S/8`` bytes each, stay alive until finished)."""
+    if not packed:
+        return []
+    return [InFlight(comm, p, z) for p, z in zip(packed, _zero_flags(comm, packed))]
 
 
 def apply_to(param: Tensor, fn: Callable[[Tensor], None]) -> None:
