@@ -29,7 +29,8 @@ class ExactGather:
     Args:
         comm: the optimizer's collectives.
         device: where the buffers live.
-        max_shard: the largest ``bucket.shard`` it will be asked to send (unused beyond checks).
+        max_shard: the largest ``bucket.shard`` it will be asked to send (bounds the buffers for
+            small layouts).
         block: elements per block on the wire, all ranks together (rounded down to a multiple of
             ``8·W``; at least 8 per rank).
     """
@@ -60,7 +61,7 @@ class ExactGather:
         if not blocks:
             return
         if self._buf is None:
-            self._buf = torch.empty(2, world * cols * 4, dtype=torch.uint8, device=self.device)
+            self._buf = torch.empty(2, world * min(cols, self.max_shard) * 4, dtype=torch.uint8, device=self.device)
         for b, *_ in items:
             esize = torch.finfo(b.dtype).bits // 8
             if comm.distributed:

@@ -48,11 +48,10 @@ from .ddp_guard import DDPGuard
 from .dispatch import select_backend
 from .exchange import GradientExchange
 from .groups import resolve_group
-from .matrix import MatrixStep
 from .deferred import DeferredUpdates
-from .signs import exchange_packed
+from .matrix import MatrixStep
 from .partition import Layout
-from .signs import SignStep
+from .signs import SignStep, exchange_packed
 from .validation import (check_hyperparameters, check_momentum_dtype, check_param, check_params_unique,
                          check_same_options_everywhere)
 

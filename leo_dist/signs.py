@@ -70,10 +70,13 @@ class InFlight:
             for w in self.works:
                 w.wait()
 
-    def finish(self) -> None:
-        """Wait, then apply the bucket's update to every parameter in it."""
-        self.wait()
+    def apply(self) -> None:
+        """Apply the arrived update to every parameter of the bucket (after :meth:`wait`)."""
         self.packed.apply(self.bits, self.zbits)
+
+    def finish(self) -> None:
+        self.wait()
+        self.apply()
 
 
 def exchange_packed(comm: Comm, packed: list["Packed"]) -> None:
@@ -92,7 +95,7 @@ def exchange_packed(comm: Comm, packed: list["Packed"]) -> None:
         current.wait()
         if k + IN_FLIGHT < len(packed):
             ahead.append(InFlight(comm, packed[k + IN_FLIGHT], has_zeros[k + IN_FLIGHT]))
-        current.finish()
+        current.apply()
 
 
 def start_packed(comm: Comm, packed: list["Packed"]) -> list[InFlight]:
