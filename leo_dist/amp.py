@@ -1,63 +1,51 @@
-"""Mixed precision: ``torch.amp.GradScaler`` with the sharded optimizers.
+"""Mixed precision: ``torch.amp.GradScaler`` with the sharded optimizers, through GradScaler's
+current protocol and its public methods only.
 
-GradScaler calls ``step()`` even when this rank saw an inf, so that every rank reaches the
-collectives; the step decides to skip from the *averaged* gradients, on all ranks alike, and
-writes that verdict back into the scaler so that ``scaler.update()`` backs off identically on
-every rank (its own check saw only local gradients).
+The protocol (``torch.amp.GradScaler.step``, torch 2.13): an optimizer with
+``_step_supports_amp_scaling = True`` whose ``step`` takes no ``grad_scaler`` keyword is called on
+every rank, overflow or not, with two attributes set for the duration of the call:
+``optimizer.grad_scale`` (this rank's loss scale as a tensor, or None when ``scaler.unscale_(opt)``
+already unscaled ``.grad``) and ``optimizer.found_inf`` (this rank's own inf check of ``.grad``).
+No deprecated keyword, no private scaler field, no warnings filter.
 
-Which GradScaler protocol, and why the older one. ``torch.amp.GradScaler.step`` (torch 2.13) has
-two contracts for an optimizer with ``_step_supports_amp_scaling = True``:
-
-* ``step(..., grad_scaler=scaler)`` (what ``step`` uses here): GradScaler passes itself, with a
-  ``FutureWarning`` announcing that it will stop doing so;
-* the announced successor: when ``step`` takes no ``grad_scaler`` keyword, GradScaler sets
-  ``optimizer.grad_scale`` and ``optimizer.found_inf`` (tensors) for the duration of ``step``.
-
-The successor cannot keep the ranks' loss scales equal. ``found_inf`` there is a fresh tensor
-(a sum over this rank's *local* per-device checks), not the record ``scaler.update()`` reads
-(``scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]``), and nothing in it leads back to
-the scaler. A rank whose local gradients were finite while another rank's were not would then
-skip the step (the decision here comes from the averaged shards, agreed by an all-reduce) but
-keep growing its scale: the scales diverge, and with them the next steps' gradients. So ``step``
-keeps the keyword, and torch's ``FutureWarning`` is left to show: leo_dist installs no warnings
-filter (a filter is process-wide; a user who wants silence can add one in their script). When
-torch drops the keyword, the way forward is a scaler registered with the optimizer (the DDP hook
-already holds one: ``attach(..., grad_scaler=)``).
+What a rank's loss scale means here. Every rank divides *its own* gradient by *its own* scale
+before the gradients are averaged: the DDP hook while it copies each bucket (with the scaler given
+to ``hooks.attach``; its scale read through the public ``scaler.scale``), standalone ``step()``
+while it stages ``.grad`` (with ``grad_scale``). The averaged gradient is therefore right whatever
+scale each rank holds. The decision to skip is global: the step's all-reduce of non-finite flags
+covers every averaged shard and every rank's ``found_inf``, so all ranks skip together and replicas
+stay bitwise identical. ``scaler.update()`` then reads only this rank's check (the protocol gives an
+optimizer no way to write a verdict back), so a rank whose own gradients were finite keeps its
+scale while the rank that overflowed backs off. Scales may thus differ across ranks; that costs
+nothing, because no gradient is ever averaged while still scaled. (DDP's all-reduce averages scaled
+gradients, which is why DDP needs equal scales.)
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .collectives import Comm
-
-__all__ = ["inverse_scale", "unscale_and_check"]
+__all__ = ["inverse_scale", "scaling_protocol"]
 
 
-def inverse_scale(scaler: Any) -> Tensor | None:
-    """``1/scale`` as float32 (computed in float64, as GradScaler does), or None when disabled."""
+def inverse_scale(scaler: Any, device: torch.device) -> Tensor | None:
+    """``1/scale`` of ``scaler`` as a float32 scalar tensor on ``device`` (the reciprocal taken in
+    float64, as GradScaler takes it), or None without an enabled scaler. Uses only the public
+    ``scaler.scale(tensor)``: no host sync."""
     if scaler is None or not scaler.is_enabled():
         return None
-    return scaler._scale.double().reciprocal().float()
+    scale = scaler.scale(torch.ones(1, dtype=torch.float64, device=device))
+    return scale.reciprocal().float().reshape(())
 
 
-def unscale_and_check(scaler: Any, optimizer: Any, shards: list[Tensor], comm: Comm,
-                      unscaled_by_hook: bool) -> bool:
-    """Unscale the averaged shards in place unless the DDP hook already did; True when any
-    rank's shard is non-finite. Sends one float (an all-reduce MAX)."""
-    from torch.amp.grad_scaler import OptState
-
-    record = scaler._per_optimizer_states[id(optimizer)]
-    if not unscaled_by_hook and record["stage"] is OptState.READY:
-        inv = inverse_scale(scaler)
-        for s in shards:
-            s.mul_(inv)
-    bad = torch.zeros((), dtype=torch.float32, device=shards[0].device if shards else None)
-    for s in shards:
-        bad = torch.maximum(bad, (~torch.isfinite(s)).any().float())
-    comm.all_reduce(bad, dist.ReduceOp.MAX)
-    record["found_inf_per_device"] = {scaler._scale.device: bad.to(scaler._scale.device)}
-    return bool(bad)
+def scaling_protocol(optimizer: Any) -> tuple[bool, Tensor | None, Tensor | None]:
+    """``(active, inv_scale, found_inf)`` from the attributes ``GradScaler.step`` sets on
+    ``optimizer``: ``active`` is False outside ``scaler.step``; ``inv_scale`` is ``1/grad_scale``
+    (float32, None when the gradients were already unscaled); ``found_inf`` this rank's own check."""
+    if not hasattr(optimizer, "found_inf"):
+        return False, None, None
+    scale = getattr(optimizer, "grad_scale", None)
+    inv = None if scale is None else scale.double().reciprocal().float().reshape(())
+    return True, inv, optimizer.found_inf

@@ -213,17 +213,21 @@ class GradientExchange:
                 self._inflight.append((finish, pair, bi))
         self._src[bi] = {}  # every gradient of the bucket has been read
 
-    def collect(self) -> list[Tensor]:
+    def sent_any(self) -> bool:
+        """Whether some bucket has been sent since the last :meth:`reset`."""
+        return any(self._sent)
+
+    def collect(self, inv_scale: Tensor | None = None) -> list[Tensor]:
         """The averaged gradient shard of every bucket (float32, ``bucket.shard`` elements each;
-        the same tensors every step), staging from ``.grad`` and sending whatever the DDP hook has
-        not already sent."""
+        the same tensors every step), staging from ``.grad`` (times ``inv_scale`` when given) and
+        sending whatever the DDP hook has not already sent."""
         for bi, b in enumerate(self.layout.buckets):
             if not self._sent[bi]:
                 for s in b.slots:
                     if id(s) not in self._src[bi]:
                         if s.param.grad is not None:
                             check_grad(s.param)
-                        self.stage(s.param, s.param.grad)
+                        self.stage(s.param, s.param.grad, inv_scale)
         while self._inflight:
             self._finish_oldest()
         return [self._shard(bi) for bi in range(len(self.layout.buckets))]

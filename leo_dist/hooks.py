@@ -97,14 +97,14 @@ def reduce_scatter_hook(state: HookState, bucket: dist.GradBucket) -> torch.futu
     if isinstance(bucket, tuple):
         grad, param = bucket[0], bucket[1]
         if exchange.owns(param):
-            exchange.stage(param, grad, inverse_scale(state.grad_scaler))
+            exchange.stage(param, grad, inverse_scale(state.grad_scaler, grad.device))
             return grad  # type: ignore[return-value]
         return _foreign_all_reduce(comm, grad)  # type: ignore[return-value]
     buf = bucket.buffer()
     foreign: list[Tensor] = []
     # Unscaled while copying into the optimizer's buckets, so that the averaged shards (which
     # clip_grad_norm_ and step() see) are true gradients; .grad keeps the scaled local ones.
-    inv_scale = inverse_scale(state.grad_scaler)
+    inv_scale = inverse_scale(state.grad_scaler, buf.device)
     for p, g in zip(bucket.parameters(), bucket.gradients()):
         if exchange.owns(p):
             exchange.stage(p, g, inv_scale)

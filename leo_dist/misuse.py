@@ -15,8 +15,8 @@ bumped by every in-place op: ``clip_grad_norm_``'s ``_foreach_mul_``, ``mul_``, 
 raises ``RuntimeError`` ("use opt.clip_grad_norm_") when one changed. Only state after the last
 backward counts, so ``no_sync()`` accumulation, ``zero_grad`` (before backward) and DDP's copies
 never trip it; ``p.grad = ...`` set by hand without a backward is never checked. Allowed: the
-version bump of ``GradScaler.unscale_`` (``scaler.step`` passes the scaler, whose per-optimizer
-stage says whether it unscaled; how far its kernel moves the counter is probed once per device
+version bump of ``GradScaler.unscale_`` (``scaler.step`` sets ``opt.grad_scale`` to None when it
+already unscaled; how far its kernel moves the counter is probed once per device
 type, since the CPU kernel does not move it at all), and, standalone, replacing ``.grad`` by a new tensor
 (the step reads it). Cost: one Python call per parameter per backward and one pass over the
 parameters per backward and per step; no communication, no tensor op.
@@ -144,18 +144,10 @@ class GradEditGuard:
         self._handles.clear()
 
 
-def _unscaled(optimizer: Any, grad_scaler: Any) -> bool:
-    if grad_scaler is None:
-        return False
-    from torch.amp.grad_scaler import OptState
-
-    record = getattr(grad_scaler, "_per_optimizer_states", {}).get(id(optimizer))
-    return record is not None and record.get("stage") is OptState.UNSCALED
-
-
-def check_grad_edits(optimizer: Any, grad_scaler: Any = None) -> None:
+def check_grad_edits(optimizer: Any, unscaled: bool = False) -> None:
     """Called at the top of a sharded ``step()``: raise ``RuntimeError`` if a ``.grad`` of the
-    optimizer was edited in place since the last backward; then forget the fingerprints."""
+    optimizer was edited in place since the last backward (``unscaled``: ``scaler.unscale_(opt)``
+    ran, and its one in-place op per gradient is allowed); then forget the fingerprints."""
     guard: GradEditGuard | None = getattr(optimizer, "_grad_guard", None)
     if guard is None:
         return
@@ -163,7 +155,7 @@ def check_grad_edits(optimizer: Any, grad_scaler: Any = None) -> None:
     if not hook and optimizer.world_size == 1:  # local gradient = average: torch's clipping is right
         guard.forget()
         return
-    bad = guard.edited(hook, _unscaled(optimizer, grad_scaler))
+    bad = guard.edited(hook, unscaled)
     guard.forget()
     if bad:
         names = ", ".join(f"#{i} {tuple(guard.params[i].shape)}" for i in bad[:3])

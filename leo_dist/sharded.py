@@ -187,12 +187,12 @@ class _ShardedOptimizer(Optimizer):
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None, grad_scaler=None):
+    def step(self, closure: Callable[[], float] | None = None):
         """One optimisation step on every rank (collective). See the module docstring for phases.
 
-        ``grad_scaler`` is passed by ``torch.amp.GradScaler.step(opt)``, never by users: the
-        averaged gradients are unscaled here (or were by the DDP hook), and the step is skipped on
-        every rank when any averaged gradient is inf/NaN.
+        Under ``torch.amp.GradScaler.step(opt)`` (see :mod:`leo_dist.amp`): each rank's gradients
+        are unscaled by its own scale before they are averaged (by the DDP hook, or here), and an
+        overflow on any rank skips the step on every rank, silently, as GradScaler skips.
         """
         if self._deferred is not None and not self._deferred.registered:
             raise RuntimeError(f"{type(self).__name__}(overlap_updates=True) applies each update in the next forward "
@@ -205,21 +205,19 @@ class _ShardedOptimizer(Optimizer):
                 loss = closure()
         if self._guard is not None:
             self._guard.check()
-        misuse.check_grad_edits(self, grad_scaler)
+        scaling, inv_scale, found_inf = amp.scaling_protocol(self)
+        misuse.check_grad_edits(self, unscaled=scaling and inv_scale is None)
+        if scaling:
+            self._check_scaling(inv_scale)
         present = self._present()
         with self._phase("gradient reduce-scatter"):
-            shards = self._exchange.collect()
-        if grad_scaler is not None:
-            if self._hook_attached and self._hook_scaler is not grad_scaler:
-                raise RuntimeError("with a GradScaler and the DDP hook, pass the scaler to "
-                                   "leo_dist.hooks.attach(ddp_model, optimizer, grad_scaler=scaler)")
-            if amp.unscale_and_check(grad_scaler, self, shards, self._comm, unscaled_by_hook=self._hook_attached):
-                self._end_step(completed=False)
-                return loss
+            shards = self._exchange.collect(None if self._hook_attached else inv_scale)
         with self._phase("non-finite check (all-reduce)"):
-            bad, absent = self._verdict(shards, present)
+            bad, absent = self._verdict(shards, present, found_inf)
         if bad:
             self._end_step(completed=False)
+            if scaling:  # GradScaler's overflow skip: expected, and scaler.update() backs off
+                return loss
             self.skipped_steps += 1
             if self.nonfinite == "raise":
                 raise FloatingPointError(
@@ -267,10 +265,27 @@ class _ShardedOptimizer(Optimizer):
         one over; standalone, ``.grad is None`` means no.)"""
         return [self._hook_attached or p.grad is not None for p in self._held]
 
-    def _verdict(self, shards: list[Tensor], present: list[bool]) -> tuple[bool, list[Tensor]]:
+    def _check_scaling(self, inv_scale: Tensor | None) -> None:
+        """Under GradScaler: the gradients to average must be unscaled by this rank's own scale."""
+        if self._hook_attached:
+            hook_inv = amp.inverse_scale(self._hook_scaler, self._device)
+            if hook_inv is None or (inv_scale is not None and not torch.equal(hook_inv, inv_scale.to(self._device))):
+                raise RuntimeError("with a GradScaler and the DDP hook, pass that scaler to "
+                                   "leo_dist.hooks.attach(ddp_model, optimizer, grad_scaler=scaler): the hook "
+                                   "unscales each bucket as it leaves during backward")
+        elif inv_scale is not None and self._exchange.sent_any():
+            raise RuntimeError(f"{type(self).__name__}: opt.clip_grad_norm_ ran on gradients still scaled by the "
+                               "GradScaler; call scaler.unscale_(opt) before opt.clip_grad_norm_ (as torch's AMP "
+                               "recipe does)")
+
+    def _verdict(self, shards: list[Tensor], present: list[bool],
+                 found_inf: Tensor | None = None) -> tuple[bool, list[Tensor]]:
         """One all-reduce (MAX) of ``1 + P`` floats, one host sync: whether any averaged gradient
-        is non-finite on any rank, and the held parameters that no rank has a gradient for."""
+        (or, under GradScaler, any rank's own inf check) is non-finite, and the held parameters
+        that no rank has a gradient for."""
         flags = torch.zeros(1 + len(self._held), dtype=torch.float32, device=self._device)
+        if found_inf is not None:
+            flags[0] = found_inf.to(device=self._device, dtype=torch.float32).reshape(())
         for s in shards:
             for i in range(0, s.numel(), _CHECK_BLOCK):  # blocks: no shard-sized temporary
                 flags[0] = torch.maximum(flags[0], (~torch.isfinite(s[i : i + _CHECK_BLOCK])).any().float())
@@ -326,7 +341,7 @@ class _ShardedOptimizer(Optimizer):
         self._exchange.reset()
         self._comm.stats.end_step()
 
-    # GradScaler calls step() even when this rank saw an inf (see leo_dist.amp).
+    # GradScaler calls step() even when this rank saw an inf, with grad_scale/found_inf set (leo_dist.amp).
     _step_supports_amp_scaling = True
 
     @torch.no_grad()

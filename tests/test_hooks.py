@@ -1,6 +1,8 @@
 """DDP + leo_dist hook against standalone ShardedLeo and the single-process oracle (gloo, W = 2, 3)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -187,13 +189,14 @@ def test_misuse_gets_clear_errors():
         assert "attach" in errors["default_hook"]
 
 
-def _amp_train(rank, world, use_ddp, bad_step):
+def _amp_train(rank, world, use_ddp, bad_step, init_scales):
     net = GradProbe(make_params())
     model = DDP(net, bucket_cap_mb=0.0002) if use_ddp else net
     opt = leo_dist.ShardedLeo(groups_for(list(net.ps), "leo"), bucket_mb=1e-4)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scales[rank])
     if use_ddp:
         leo_dist.hooks.attach(model, opt, grad_scaler=scaler)
+    warnings.simplefilter("error", FutureWarning)  # this child process only
     scales = []
     for step in range(8):
         grads = [local_grad(step * 7, rank, p.shape, True) for p in net.ps]
@@ -212,12 +215,19 @@ def _amp_train(rank, world, use_ddp, bad_step):
     return [p.detach().clone() for p in net.ps], scales
 
 
-@pytest.mark.parametrize("use_ddp", [True, False])
-def test_grad_scaler_unscale_clip_and_skip_agree_across_ranks(use_ddp):
+@pytest.mark.parametrize("use_ddp,init_scales", [(True, (2.0**10, 2.0**10)), (False, (2.0**10, 2.0**10)),
+                                                 (True, (2.0**10, 2.0**4)), (False, (2.0**3, 2.0**12))])
+def test_grad_scaler_unscale_clip_and_skip_agree_across_ranks(use_ddp, init_scales):
+    # GradScaler's current protocol (no grad_scaler= keyword, so no FutureWarning): each rank
+    # unscales its own gradients by its own scale before averaging, so the result is the oracle's
+    # even when the ranks' scales differ; the overflow on the last rank skips the step everywhere.
     world, bad_step = 2, 3
-    out = run_ranks(_amp_train, world, use_ddp, bad_step)
-    assert out[0][1] == out[1][1], "loss scales diverged across ranks"
-    assert out[0][1][bad_step] == 2.0**9, "the scaler did not back off after the inf"
+    out = run_ranks(_amp_train, world, use_ddp, bad_step, init_scales)
+    for rank in range(world):
+        scales = out[rank][1]
+        assert scales[bad_step - 1] == init_scales[rank]
+        want = init_scales[rank] / 2 if rank == world - 1 else init_scales[rank]
+        assert scales[bad_step] == want, "only the rank that overflowed backs off its own scale"
     for a, b in zip(out[0][0], out[1][0]):
         assert torch.equal(a, b)
     # oracle: the same averaged gradients, clipped, with the bad step skipped

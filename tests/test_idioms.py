@@ -101,7 +101,6 @@ def _all(rank, world):
     return {case[0]: _train(rank, world, case) for case in CASES}
 
 
-@pytest.mark.filterwarnings("ignore:GradScaler is going to stop passing itself:FutureWarning")
 def test_training_loop_idioms_match_the_oracle():
     out = run_ranks(_all, WORLD)
     for case in CASES:

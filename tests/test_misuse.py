@@ -80,7 +80,6 @@ RAISES = {True: {"torch_clip", "scaler_unscale_then_torch_clip", "bucket_view_to
           False: {"torch_clip", "scaler_unscale_then_torch_clip"}}
 
 
-@pytest.mark.filterwarnings("ignore:GradScaler is going to stop passing itself:FutureWarning")
 @pytest.mark.parametrize("use_ddp", [True, False], ids=["ddp_hook", "standalone"])
 def test_grad_edits_detected_and_no_false_positives(use_ddp):
     out = run_ranks(_all_cases, 2, use_ddp)

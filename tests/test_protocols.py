@@ -1,9 +1,12 @@
 """torch's current protocols: the compiled-autograd form of DDP comm hooks, picklable hook state
-(as PowerSGDState), a 1-D DeviceMesh wherever a process group goes, GradScaler without a
-process-wide warnings filter."""
+(as PowerSGDState), a 1-D DeviceMesh wherever a process group goes, GradScaler's current
+protocol (no deprecated keyword, no private scaler field, no process-wide warnings filter)."""
 from __future__ import annotations
 
+import inspect
+import os
 import pickle
+import sys
 import warnings
 
 import pytest
@@ -139,24 +142,86 @@ def test_device_mesh_is_accepted_as_process_group():
     assert "1-D" in errors["2d"] and "DeviceMesh" in errors["type"] and errors["replicas"] and errors["average"]
 
 
-def _amp_filters(rank, world):
-    params = make_params()
-    opt = leo_dist.ShardedLion(params)
-    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+class _WatchedScaler(torch.amp.GradScaler):
+    """A GradScaler that records every private attribute read from leo_dist's code."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "leo_dist_reads", [])
+
+    def __getattribute__(self, name):
+        if name.startswith("_") and not name.startswith("__"):
+            caller = sys._getframe(1).f_code.co_filename
+            if os.sep + "leo_dist" + os.sep in caller:
+                object.__getattribute__(self, "leo_dist_reads").append(name)
+        return super().__getattribute__(name)
+
+
+def _amp_protocol(rank, world, use_ddp):
+    net = GradProbe(make_params())
+    model = DDP(net) if use_ddp else net
+    opt = leo_dist.ShardedLion(net.parameters())
+    scaler = _WatchedScaler("cpu", init_scale=8.0)
+    if use_ddp:
+        leo_dist.hooks.attach(model, opt, grad_scaler=scaler)
+    twin = GradProbe(make_params())  # the same steps without AMP: dyadic gradients, scale 8: exact
+    twin_opt = leo_dist.ShardedLion(twin.parameters())
     before = list(warnings.filters)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        scaler.scale(sum((p * p).sum() for p in params)).backward()
+        for step in range(3):
+            grads = [local_grad(step, rank, p.shape, True) for p in net.ps]
+            scaler.scale(model(grads)).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            twin(grads).backward()
+            twin_opt.step()
+            twin_opt.zero_grad()
+    moved = all(torch.equal(a, b) for a, b in zip(net.ps, twin.ps)) and opt.skipped_steps == 0
+    left = [n for n in ("grad_scale", "found_inf") if hasattr(opt, n)]
+    return (before == list(warnings.filters), [w.category.__name__ for w in caught], scaler.leo_dist_reads,
+            moved, left, "grad_scaler" in inspect.signature(opt.step).parameters)
+
+
+@pytest.mark.parametrize("use_ddp", [False, True])
+def test_grad_scaler_current_protocol_without_keyword_private_fields_or_filters(use_ddp):
+    # GradScaler's successor protocol (grad_scale/found_inf set on the optimizer, see leo_dist/amp.py):
+    # no grad_scaler= keyword (so no FutureWarning), no private scaler field read by leo_dist, no
+    # warnings filter installed; the steps ran and the protocol's attributes are gone afterwards.
+    for same_filters, categories, private_reads, moved, left, keyword in run_ranks(_amp_protocol, 2, use_ddp):
+        assert same_filters and "FutureWarning" not in categories
+        assert private_reads == []
+        assert (moved, left, keyword) == (True, [], False)
+
+
+def _amp_misuse(rank, world):
+    errors = {}
+    net = GradProbe(make_params())
+    ddp = DDP(net)
+    opt = leo_dist.ShardedLion(net.parameters())
+    leo_dist.hooks.attach(ddp, opt)  # no grad_scaler: the hook would average scaled gradients
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(ddp([local_grad(0, rank, p.shape, True) for p in net.ps])).backward()
+    before = [p.detach().clone() for p in net.ps]
+    try:
         scaler.step(opt)
-        scaler.update()
-        inner = list(warnings.filters)
-    return before == list(warnings.filters), len(inner), [str(w.category.__name__) for w in caught]
+    except RuntimeError as e:
+        errors["hook_without_scaler"] = str(e)
+    errors["untouched"] = all(torch.equal(a, p.detach()) for a, p in zip(before, net.ps))
+    alone = GradProbe(make_params())
+    opt2 = leo_dist.ShardedLion(alone.parameters())
+    scaler.scale(alone([local_grad(0, rank, p.shape, True) for p in alone.ps])).backward()
+    opt2.clip_grad_norm_(1.0)  # before scaler.unscale_(opt2): it clipped scaled gradients
+    try:
+        scaler.step(opt2)
+    except RuntimeError as e:
+        errors["clip_before_unscale"] = str(e)
+    return errors
 
 
-def test_grad_scaler_protocol_installs_no_warnings_filter():
-    # leo_dist keeps GradScaler's grad_scaler= keyword protocol (see leo_dist/amp.py: the newer
-    # grad_scale/found_inf attributes give the optimizer no way to write the cross-rank verdict back
-    # into the scaler): torch's FutureWarning is shown, and never filtered process-wide.
-    for same, _, categories in run_ranks(_amp_filters, 2):
-        assert same
-        assert "FutureWarning" in categories
+def test_grad_scaler_misuse_raises():
+    for errors in run_ranks(_amp_misuse, 2):
+        assert "hooks.attach(ddp_model, optimizer, grad_scaler=scaler)" in errors["hook_without_scaler"]
+        assert errors["untouched"]
+        assert "scaler.unscale_(opt) before opt.clip_grad_norm_" in errors["clip_before_unscale"]
