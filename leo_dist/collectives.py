@@ -28,6 +28,7 @@ The reduce-scatter has two implementations (:attr:`Comm.native_reduce_scatter`):
 from __future__ import annotations
 
 import os
+import threading
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,15 +67,17 @@ class CommStats:
         self.last: dict[str, _Count] = {}
         self.total: dict[str, _Count] = defaultdict(_Count)
         self.steps = 0
+        self._lock = threading.Lock()  # the background sender books from its own thread
 
     def add(self, kind: str, bytes_in: int, bytes_out: int, sent: int, received: int) -> None:
-        for table in (self.current, self.total):
-            c = table[kind]
-            c.calls += 1
-            c.bytes_in += bytes_in
-            c.bytes_out += bytes_out
-            c.sent += sent
-            c.received += received
+        with self._lock:
+            for table in (self.current, self.total):
+                c = table[kind]
+                c.calls += 1
+                c.bytes_in += bytes_in
+                c.bytes_out += bytes_out
+                c.sent += sent
+                c.received += received
 
     @contextmanager
     def outside_step(self):
@@ -146,8 +149,8 @@ def sum_in_rank_order(chunks: Tensor, out: Tensor | None = None) -> Tensor:
 class Comm:
     """Collectives over ``group`` (``None`` with no initialised default group: a world of 1)."""
 
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
-        self.stats = CommStats()
+    def __init__(self, group: dist.ProcessGroup | None, stats: CommStats | None = None) -> None:
+        self.stats = stats if stats is not None else CommStats()
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
         self.group = group
@@ -167,6 +170,22 @@ class Comm:
     @property
     def distributed(self) -> bool:
         return self.group is not None and self.world > 1
+
+    def duplicate(self) -> "Comm":
+        """A ``Comm`` over a new process group with the same ranks, backend and timeout, booking
+        into the same :class:`CommStats` (collective over this group's ranks only). Collectives
+        on the two groups never pair with each other, whichever thread issues them."""
+        if not self.distributed:
+            return Comm(self.group, stats=self.stats)
+        options = getattr(self.group._get_backend(torch.device("cpu")), "options", None) \
+            if self.backend == "gloo" else None
+        # torch exposes a group's timeout only on its backend's options (the default otherwise)
+        timeout = getattr(options, "_timeout", None)
+        group = dist.new_group(dist.get_process_group_ranks(self.group), timeout=timeout, backend=self.backend,
+                               use_local_synchronization=True)
+        twin = Comm(group, stats=self.stats)
+        twin.native_reduce_scatter = self.native_reduce_scatter
+        return twin
 
     def _count(self, kind: str, t_in: Tensor, t_out: Tensor, sent: float, received: float) -> None:
         self.stats.add(kind, t_in.numel() * t_in.element_size(), t_out.numel() * t_out.element_size(),

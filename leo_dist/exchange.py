@@ -34,6 +34,7 @@ from torch import Tensor
 from . import onebit
 from .collectives import Comm, naming
 from .partition import Layout
+from .sender import BackgroundSender
 from .validation import check_grad
 
 __all__ = ["GradientExchange", "WIRE_DTYPES", "CHUNK_ELEMS", "MAX_INFLIGHT"]
@@ -58,6 +59,9 @@ class GradientExchange:
         compressing: called as each bucket is sent; True to send it 1-bit (``grad_comm="1bit"``
             past its warm-up), False for the exact fp32 exchange.
         chunk_elems, max_inflight: block size and blocks in flight (memory against overlap).
+        sender: a :class:`~leo_dist.sender.BackgroundSender` that sends each completed bucket
+            while the caller (the DDP hook, inside backward) returns at once; None sends in the
+            caller. ``comm`` must then be a group only the sender issues collectives on.
 
     State kept across steps: ``grad_error`` (``grad_comm="1bit"``: per bucket, float32 ``[P]``, the
     error feedback of this rank's compressed gradients), and the reused buffers: the averaged
@@ -67,7 +71,7 @@ class GradientExchange:
 
     def __init__(self, layout: Layout, comm: Comm, grad_comm: str, device: torch.device,
                  compressing: Callable[[], bool] = lambda: False, chunk_elems: int = CHUNK_ELEMS,
-                 max_inflight: int = MAX_INFLIGHT):
+                 max_inflight: int = MAX_INFLIGHT, sender: BackgroundSender | None = None):
         if grad_comm not in WIRE_DTYPES:
             raise ValueError(f"grad_comm must be one of {sorted(WIRE_DTYPES)}, got {grad_comm!r}")
         if max_inflight < 1:
@@ -76,6 +80,7 @@ class GradientExchange:
         self.wire = WIRE_DTYPES[grad_comm]
         self.compressing = compressing
         self.max_inflight = max_inflight
+        self.sender = sender
         w = comm.world
         # columns of a bucket's (W, S) view per block: a multiple of 1024 (the 1-bit scale runs)
         self.cols = onebit.block_columns(w, chunk_elems)
@@ -101,6 +106,8 @@ class GradientExchange:
 
     def reset(self) -> None:
         """Forget which gradients arrived this step (waiting for anything still in flight)."""
+        if self.sender is not None:
+            self.sender.drain()
         while self._inflight:
             self._finish_oldest()
         n = len(self.layout.buckets)
@@ -113,7 +120,9 @@ class GradientExchange:
     def stage(self, param: Tensor, grad: Tensor | None, inv_scale: Tensor | None = None) -> None:
         """Record one parameter's local gradient (None: zeros), to be sent times ``inv_scale`` (the
         AMP unscaling) when given; send the bucket once all its parameters have arrived. ``grad``
-        is read before the call that completes its bucket returns, and not kept."""
+        is read before the call that completes its bucket returns (no ``sender``), or before
+        :meth:`collect`/:meth:`reset` return (with one): it must stay unchanged until then, as
+        DDP's bucket views and ``.grad`` do until the next backward."""
         bi, slot = self.layout.where[id(param)]
         b = self.layout.buckets[bi]
         if self._sent[bi]:
@@ -151,11 +160,11 @@ class GradientExchange:
         return self._scratch
 
     # ------------------------------------------------------------------ sending
-    def _fill(self, bi: int, j0: int, j1: int, dst: Tensor) -> None:
+    def _fill(self, bi: int, j0: int, j1: int, dst: Tensor, src: dict[int, tuple]) -> None:
         """``dst`` (``(W, j1 − j0)``, rows contiguous) ← columns ``[j0, j1)`` of bucket ``bi``'s
         local gradients viewed as ``(W, S)``, unscaled; zeros for missing gradients and padding."""
         b = self.layout.buckets[bi]
-        src, offsets, slots = self._src[bi], self._offsets[bi], b.slots
+        offsets, slots = self._offsets[bi], b.slots
         for r in range(self.comm.world):
             lo, hi = r * b.shard + j0, r * b.shard + j1
             row = dst[r]
@@ -179,6 +188,17 @@ class GradientExchange:
 
     def _launch(self, bi: int) -> None:
         self._sent[bi] = True
+        src, self._src[bi] = self._src[bi], {}
+        if self.sender is None:
+            self._send(bi, src)
+        else:
+            self.sender.submit(lambda: self._send(bi, src))
+
+    def _send(self, bi: int, src: dict[int, tuple]) -> None:
+        with naming(f"bucket {bi}"):
+            self._send_blocks(bi, src)
+
+    def _send_blocks(self, bi: int, src: dict[int, tuple]) -> None:
         b, world, shard = self.layout.buckets[bi], self.comm.world, self._shard(bi)
         if self.grad_comm == "1bit" and self.compressing():
             send_b, recv_b = pair = self._take()
@@ -186,7 +206,7 @@ class GradientExchange:
             send = send_b[: world * pb].view(world, pb)
             recv = recv_b[: world * pb].view(world, pb)
             scratch = self._onebit_scratch()
-            onebit.compress_grad_stream_(lambda j0, j1, xc: self._fill(bi, j0, j1, xc), self.grad_error[bi], send,
+            onebit.compress_grad_stream_(lambda j0, j1, xc: self._fill(bi, j0, j1, xc, src), self.grad_error[bi], send,
                                          world, b.shard, b.numel, self.cols, scratch)
             work = self.comm.all_to_all_start(recv, send)
 
@@ -202,7 +222,7 @@ class GradientExchange:
                 send_b, recv_b = pair = self._take()
                 send = send_b.view(self.wire)[:n].view(world, j1 - j0)
                 recv = recv_b.view(self.wire)[:n].view(world, j1 - j0)
-                self._fill(bi, j0, j1, send)
+                self._fill(bi, j0, j1, send, src)
                 out = shard[j0:j1]
                 summed = self.comm.reduce_scatter_into_start(out, send, recv, count=False)
 
@@ -211,7 +231,6 @@ class GradientExchange:
                     if world > 1:
                         out.div_(world)  # the only division by W
                 self._inflight.append((finish, pair, bi))
-        self._src[bi] = {}  # every gradient of the bucket has been read
 
     def sent_any(self) -> bool:
         """Whether some bucket has been sent since the last :meth:`reset`."""
@@ -228,6 +247,8 @@ class GradientExchange:
                         if s.param.grad is not None:
                             check_grad(s.param)
                         self.stage(s.param, s.param.grad, inv_scale)
+        if self.sender is not None:
+            self.sender.drain()
         while self._inflight:
             self._finish_oldest()
         return [self._shard(bi) for bi in range(len(self.layout.buckets))]

@@ -93,7 +93,8 @@ def reduce_scatter_hook(state: HookState, bucket: dist.GradBucket) -> torch.futu
     if exchange is None:
         raise RuntimeError("this leo_dist HookState was unpickled and is not bound to an optimizer: call "
                            "state.bind(optimizer) or leo_dist.hooks.attach(ddp_model, optimizer)")
-    comm = exchange.comm
+    # not exchange.comm: that group may belong to the background sender (leo_dist.sender)
+    comm = state.optimizer._comm
     if isinstance(bucket, tuple):
         grad, param = bucket[0], bucket[1]
         if exchange.owns(param):

@@ -47,6 +47,7 @@ from .collectives import CollectiveError, Comm
 from .ddp_guard import DDPGuard
 from .dispatch import select_backend
 from .exchange import GradientExchange
+from .sender import BackgroundSender
 from .groups import resolve_group
 from .deferred import DeferredUpdates
 from .matrix import MatrixStep
@@ -66,9 +67,12 @@ class _ShardedOptimizer(Optimizer):
 
     def __init__(self, params, defaults: dict[str, Any], *, process_group, grad_comm: str, update_comm: str,
                  bucket_mb: float, momentum_dtype, fused, sync_params: bool, grad_comm_warmup: int = 10,
-                 nonfinite: str = "skip", bf16_rounding: str = "stochastic", overlap_updates: bool = False):
+                 nonfinite: str = "skip", bf16_rounding: str = "stochastic", overlap_updates: bool = False,
+                 overlap_grads: bool | None = None):
         if not isinstance(overlap_updates, bool):
             raise TypeError(f"overlap_updates must be a bool, got {type(overlap_updates).__name__}")
+        if overlap_grads is not None and not isinstance(overlap_grads, bool):
+            raise TypeError(f"overlap_grads must be None or a bool, got {type(overlap_grads).__name__}")
         if grad_comm not in ("fp32", "bf16", "1bit"):
             raise ValueError(f"grad_comm must be one of ['1bit', 'bf16', 'fp32'], got {grad_comm!r}")
         if update_comm not in ("exact", "1bit"):
@@ -103,12 +107,18 @@ class _ShardedOptimizer(Optimizer):
         with self._comm.stats.outside_step():
             check_same_options_everywhere(self._comm, self._device, grad_comm=grad_comm, update_comm=update_comm,
                                           bucket_mb=bucket_mb, grad_comm_warmup=grad_comm_warmup,
-                                          sync_params=sync_params, momentum_dtype=self._momentum_dtype)
+                                          sync_params=sync_params, momentum_dtype=self._momentum_dtype,
+                                          overlap_grads=overlap_grads, overlap_updates=overlap_updates)
             replicas.check_same_layout(self._comm, self.param_groups, self._device)
             if sync_params:
                 replicas.broadcast_params(self._comm, self._layout)
-        self._exchange = GradientExchange(self._layout, self._comm, grad_comm, self._device,
-                                          compressing=lambda: self._steps_done >= self.grad_comm_warmup)
+        self.overlap_grads = self._resolve_overlap_grads(overlap_grads)
+        self._sender = BackgroundSender(f"leo_dist-sender-rank{self._comm.rank}") if self.overlap_grads else None
+        with self._comm.stats.outside_step():  # the sender's own group (a collective over this one)
+            exchange_comm = self._comm.duplicate() if self.overlap_grads else self._comm
+        self._exchange = GradientExchange(self._layout, exchange_comm, grad_comm, self._device,
+                                          compressing=lambda: self._steps_done >= self.grad_comm_warmup,
+                                          sender=self._sender)
         if bf16_rounding not in ("nearest", "stochastic"):
             raise ValueError(f"bf16_rounding must be 'nearest' or 'stochastic', got {bf16_rounding!r}")
         self.bf16_rounding = bf16_rounding
@@ -130,6 +140,18 @@ class _ShardedOptimizer(Optimizer):
         #: steps skipped because some averaged gradient was inf/NaN (not counting GradScaler's own skips)
         self.skipped_steps = 0
         self._grad_guard = misuse.GradEditGuard(self._held)
+
+    def _resolve_overlap_grads(self, asked: bool | None) -> bool:
+        """Background sending (:mod:`leo_dist.sender`): on by default for CPU tensors in a group
+        of more than one rank; CUDA would need the copies on a side stream, not built yet."""
+        if not self._comm.distributed:
+            return False
+        if self._device.type != "cpu":
+            if asked:
+                raise NotImplementedError("overlap_grads=True is built for CPU tensors (gloo) only; on "
+                                          f"{self._device.type} the exchange is sent from the DDP hook itself")
+            return False
+        return asked is None or asked
 
     # ----------------------------------------------------------------- layout and state
     @property
@@ -476,6 +498,10 @@ class ShardedLion(_ShardedOptimizer):
             False). Needs the model: ``hooks.attach`` registers it, or ``opt.register_model(model)``.
             Raw reads of parameters in between see old values; ``opt.synchronize()`` completes
             them. Contract and memory: :mod:`leo_dist.deferred`.
+        overlap_grads: send the gradient exchange from a background thread on a process group of
+            its own, so that the DDP hook returns at once and backward never waits for the wire
+            (:mod:`leo_dist.sender`). None (default): on for CPU tensors with more than one rank;
+            True on CUDA raises ``NotImplementedError``. Same bytes, same results bitwise.
 
     Parameters with ``requires_grad=False`` are not held (no state, never stepped); a parameter that
     no rank has a gradient for in a step is left untouched, as by the single-process optimizers; one
@@ -493,13 +519,14 @@ class ShardedLion(_ShardedOptimizer):
                  process_group=None, grad_comm: str = "fp32", bucket_mb: float = 25,
                  momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True,
                  grad_comm_warmup: int = 10, nonfinite: str = "skip",
-                 bf16_rounding: str = "stochastic", overlap_updates: bool = False):
+                 bf16_rounding: str = "stochastic", overlap_updates: bool = False,
+                 overlap_grads: bool | None = None):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         weight_decay=weight_decay)
         super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm, update_comm="exact",
                          bucket_mb=bucket_mb, momentum_dtype=momentum_dtype, fused=fused, sync_params=sync_params,
                          grad_comm_warmup=grad_comm_warmup, nonfinite=nonfinite, bf16_rounding=bf16_rounding,
-                         overlap_updates=overlap_updates)
+                         overlap_updates=overlap_updates, overlap_grads=overlap_grads)
 
 
 class ShardedLeo(_ShardedOptimizer):
@@ -521,10 +548,12 @@ class ShardedLeo(_ShardedOptimizer):
                  grad_comm: str = "fp32", update_comm: str = "exact", bucket_mb: float = 25,
                  momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True,
                  grad_comm_warmup: int = 10, nonfinite: str = "skip",
-                 bf16_rounding: str = "stochastic", overlap_updates: bool = False):
+                 bf16_rounding: str = "stochastic", overlap_updates: bool = False,
+                 overlap_grads: bool | None = None):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         weight_decay=weight_decay, align_const=align_const, eps=eps, orthogonalize=orthogonalize)
         super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm,
                          update_comm=update_comm, bucket_mb=bucket_mb, momentum_dtype=momentum_dtype, fused=fused,
                          sync_params=sync_params, grad_comm_warmup=grad_comm_warmup, nonfinite=nonfinite,
-                         bf16_rounding=bf16_rounding, overlap_updates=overlap_updates)
+                         bf16_rounding=bf16_rounding, overlap_updates=overlap_updates,
+                         overlap_grads=overlap_grads)
