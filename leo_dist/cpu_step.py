@@ -44,6 +44,7 @@ from torch import Tensor
 
 __all__ = [
     "available", "supports", "lion_step_", "leo_step_", "sign_shard_step_", "apply_signs_", "build_info",
+    "onebit_compress_block_", "onebit_decode_block_",
 ]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_step.c")
@@ -130,6 +131,10 @@ def _compile() -> ctypes.CDLL:
     lib.leo2d_usq.restype = ctypes.c_double
     lib.leo2d_apply.argtypes = [vp, vp, vp, i64, i64, i, i, i, f32, f32, vp, vp, f32, i, f32, f32, i]
     lib.leo2d_apply.restype = None
+    lib.onebit_compress.argtypes = [vp, i64, vp, i64, i64, i64, vp, vp, i64, i64, i64, i]
+    lib.onebit_compress.restype = None
+    lib.onebit_decode.argtypes = [vp, i64, i64, vp, i64, i64, i64, i64, vp, i]
+    lib.onebit_decode.restype = None
     return lib
 
 
@@ -289,3 +294,40 @@ def apply_signs_(param: Tensor, bits: Tensor, zeros: Tensor | None, lr: float, w
     use_decay, decay = decay_args(lr, weight_decay)
     lib.apply_signs(param.data_ptr(), bits.data_ptr(), zeros.data_ptr() if zeros is not None else None,
                     param.numel(), _CODES[param.dtype], use_decay, decay, -lr * scale, _nthreads())
+
+
+def onebit_compress_block_(x: Tensor, err: Tensor, nvalid: Sequence[int], out: Tensor, bits_off: int,
+                           scales_off: int) -> None:
+    """One streamed block of :func:`leo_dist.onebit.compress_grad_stream_`, in one pass.
+
+    ``x``: float32 ``(W, c)`` with unit column stride (the filled local gradient; scratch: left
+    holding x + err); ``err``:
+    float32 ``(W, c)`` view of the error buffer, unit column stride (updated in place); ``nvalid``:
+    per row, the columns that belong to parameters; ``out``: the uint8 ``(W, payload)`` message
+    table, contiguous: row r's bits are written at byte ``bits_off`` on, its scales (float32, one
+    per 1024 columns) at byte ``scales_off`` on. ``c`` must be a multiple of 8. Same bits as the
+    torch path; the scales are summed in float64 (torch sums in float32), so they and the error
+    buffer agree with it to float32 rounding, not bitwise.
+    """
+    lib = _need()
+    world, c = x.shape
+    if c % 8 or x.stride(1) != 1 or err.stride(1) != 1 or not out.is_contiguous():
+        raise ValueError("onebit_compress_block_: c must be a multiple of 8 and the rows contiguous")
+    nv = (ctypes.c_int64 * world)(*nvalid)
+    lib.onebit_compress(x.data_ptr(), x.stride(0), err.data_ptr(), err.stride(0), world, c, nv, out.data_ptr(),
+                        out.stride(0), bits_off, scales_off, _nthreads())
+
+
+def onebit_decode_block_(recv: Tensor, bits_off: int, scales: Tensor, k0: int, out: Tensor) -> None:
+    """One block of :func:`leo_dist.onebit.decode_grad`, already divided by W: ``out`` (float32
+    ``[c]``, contiguous) ← the rank-order sum of the W messages' ``±scale``, over W. ``recv``: the
+    uint8 ``(W, payload)`` table (contiguous), bits of the block from byte ``bits_off``; ``scales``:
+    float32 ``(W, runs)`` contiguous, the block's first run at column ``k0``. Bitwise equal to the
+    torch path."""
+    lib = _need()
+    world = recv.shape[0]
+    c = out.numel()
+    if c % 8 or not (recv.is_contiguous() and scales.is_contiguous() and out.is_contiguous()):
+        raise ValueError("onebit_decode_block_: c must be a multiple of 8 and the tensors contiguous")
+    lib.onebit_decode(recv.data_ptr(), recv.stride(0), bits_off, scales.data_ptr(), scales.stride(0), k0, world, c,
+                      out.data_ptr(), _nthreads())

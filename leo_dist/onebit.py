@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import cpu_step
 from .collectives import sum_in_rank_order
 from .packing import pack_signs, unpack_signs
 
@@ -35,6 +36,14 @@ GRAD_CHUNK = 1024
 
 # Default elements of one streamed block (all ``world`` rows together): 1 MiB of float32.
 _BLOCK_ELEMS = 1 << 18
+
+#: use the one-pass C codec (leo_dist.cpu_step) for CPU tensors when it is built; False forces the
+#: torch path (the reference the tests compare it with)
+USE_C = True
+
+
+def _c_codec(t: Tensor) -> bool:
+    return USE_C and t.device.type == "cpu" and cpu_step.available()
 
 
 def _chunks(shard: int) -> int:
@@ -88,6 +97,7 @@ def compress_grad_stream_(fill: Callable[[int, int, Tensor], None], err: Tensor,
     ev = err.view(world, shard)
     dev = err.device
     rows = torch.arange(world, device=dev)[:, None] * shard
+    use_c = _c_codec(err)
     for j0, j1 in _blocks(shard, cols):
         c = j1 - j0
         k0, k = j0 // GRAD_CHUNK, _chunks(c)
@@ -96,6 +106,10 @@ def compress_grad_stream_(fill: Callable[[int, int, Tensor], None], err: Tensor,
         t = scratch[width : width + world * cp].view(world, cp)
         xs = x[:, :c]
         fill(j0, j1, xs)
+        if use_c:  # the same block in one pass (about 10x less time than the torch ops below)
+            cpu_step.onebit_compress_block_(xs, ev[:, j0:j1], _valid_cols(world, shard, valid, j0, c), out, j0 // 8,
+                                            nb + 4 * k0)
+            continue
         if cp != c:
             x[:, c:].zero_()
         xs.add_(ev[:, j0:j1])
@@ -164,6 +178,10 @@ def decode_grad(recv: Tensor, world: int, shard: int, out: Tensor | None = None,
     scales = recv[:, nb:].reshape(-1).clone().view(torch.float32).view(world, n_chunks)
     if out is None:
         out = torch.empty(shard, dtype=torch.float32, device=recv.device)
+    if _c_codec(recv) and recv.is_contiguous():
+        for j0, j1 in _blocks(shard, cols):
+            cpu_step.onebit_decode_block_(recv, j0 // 8, scales, j0 // GRAD_CHUNK, out[j0:j1])
+        return out
     if scratch is None:
         scratch = torch.empty(scratch_numel(world, shard, cols), dtype=torch.float32, device=recv.device)
     for j0, j1 in _blocks(shard, cols):

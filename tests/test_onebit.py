@@ -162,3 +162,49 @@ def test_1bit_arguments():
         leo_dist.ShardedLeo(p, grad_comm="1bit", grad_comm_warmup=-1)
     with pytest.raises(ValueError, match="update_comm"):
         leo_dist.ShardedLeo(p, update_comm="2bit")
+
+
+def _codec(world, shard, valid, cols, use_c, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(world * shard, generator=g)
+    err = torch.randn(world * shard, generator=g) * 0.1
+    err[valid:] = 0
+    x[3], x[min(valid, world * shard) // 2] = float("inf"), float("nan")
+    out = torch.empty(world, onebit.grad_payload_bytes(shard), dtype=torch.uint8)
+    xv = x.view(world, shard)
+    old = onebit.USE_C
+    onebit.USE_C = use_c
+    try:
+        onebit.compress_grad_stream_(lambda j0, j1, xc: xc.copy_(xv[:, j0:j1]), err, out, world, shard, valid, cols)
+        decoded = onebit.decode_grad(out, world, shard, cols=cols)
+    finally:
+        onebit.USE_C = old
+    return out, err, decoded
+
+
+@pytest.mark.parametrize("world,shard,valid,cols", [(1, 2048, 2000, 1024), (2, 4104, 8000, 2048),
+                                                    (3, 1032, 3 * 1032 - 20, 1024), (4, 520, 1111, 1024)])
+def test_c_codec_agrees_with_the_torch_codec(world, shard, valid, cols):
+    # the one-pass C codec (leo_dist.cpu_step) against the torch ops it replaces: the same bits,
+    # scales and error feedback to float32 rounding (it sums |x+e| in float64), the same
+    # non-finite scales; decoding the same messages is bitwise equal
+    from leo_dist import cpu_step
+    if not cpu_step.available():
+        pytest.skip(f"the C library is not built here: {cpu_step.build_info()}")
+    (out_c, err_c, _), (out_t, err_t, _) = (_codec(world, shard, valid, cols, use, 7) for use in (True, False))
+    nb = shard // 8
+    assert torch.equal(out_c[:, :nb], out_t[:, :nb])
+    sc, st = (o[:, nb:].contiguous().view(torch.float32) for o in (out_c, out_t))
+    assert torch.equal(torch.isfinite(sc), torch.isfinite(st)) and not torch.isfinite(st).all()
+    fin = torch.isfinite(st)
+    assert ((sc - st).abs() <= 1e-6 * st.abs())[fin].all()
+    assert torch.allclose(err_c, err_t, rtol=0, atol=1e-6) and torch.equal(err_c[valid:], err_t[valid:])
+    old = onebit.USE_C
+    try:
+        onebit.USE_C = True
+        dec_c = onebit.decode_grad(out_t, world, shard, cols=cols)
+        onebit.USE_C = False
+        dec_t = onebit.decode_grad(out_t, world, shard, cols=cols)
+    finally:
+        onebit.USE_C = old
+    assert torch.equal(dec_c.nan_to_num(), dec_t.nan_to_num())

@@ -272,20 +272,26 @@ def build_ddp_powersgd_lion(model, world, hyper):
     return ddp, leo_dist.Lion(_decay_groups(model, hyper["weight_decay"]), lr=hyper["lr"], betas=hyper["betas"])
 
 
-def _sharded(kind: str, grad_comm: str, ddp_hook: bool, update_comm: str = "exact"):
+def _sharded(kind: str, grad_comm: str, ddp_hook: bool, update_comm: str = "exact", bucket_mb: float | None = None,
+             **options):
+    """``options``: more keywords of the optimizer (``overlap_grads``, ``overlap_updates``);
+    ``bucket_mb``: DDP's ``bucket_cap_mb`` and the optimizer's ``bucket_mb`` (default 25 for both)."""
+    bucket_bytes = LEO_BUCKET_BYTES if bucket_mb is None else bucket_mb * 2**20
+
     def build(model, world, hyper):
         import leo_dist
         if kind == "lion":
             opt = leo_dist.ShardedLion(_decay_groups(model, hyper["weight_decay"]), grad_comm=grad_comm,
-                                       bucket_mb=LEO_BUCKET_BYTES / 2**20, lr=hyper["lr"], betas=hyper["betas"])
+                                       bucket_mb=bucket_bytes / 2**20, lr=hyper["lr"], betas=hyper["betas"],
+                                       **options)
         else:
             opt = leo_dist.ShardedLeo(leo_dist.leo_param_groups(model, hyper["weight_decay"]), grad_comm=grad_comm,
-                                      update_comm=update_comm, bucket_mb=LEO_BUCKET_BYTES / 2**20,
-                                      lr=hyper["lr"], betas=hyper["betas"])
+                                      update_comm=update_comm, bucket_mb=bucket_bytes / 2**20,
+                                      lr=hyper["lr"], betas=hyper["betas"], **options)
         if not ddp_hook:
             return model, opt
         import leo_dist.hooks
-        ddp = _ddp(model)
+        ddp = _ddp(model, bucket_bytes)
         leo_dist.hooks.attach(ddp, opt)
         return ddp, opt
     return build
@@ -335,3 +341,29 @@ register(Config("leo_leo_bf16_1bit", "ShardedLeo, bf16 grads, 1-bit matrix updat
                 _sharded("leo", "bf16", False, update_comm="1bit"),
                 lambda s, w: _leo_phases(s, w, 2, leo=True, update_bits=True), lossy=True, leo_dist=True,
                 probe=_probe_sharded("leo", "bf16", update_comm="1bit")))
+
+# Overlap (issue 16): the DDP-hook variants with the gradient exchange sent from the hook itself
+# (overlap_grads=False: backward waits whenever the exchange's buffer pool is full, as before the
+# background sender), and with the update all-gathers left to the next forward (overlap_updates).
+# Same arithmetic as their standalone twins, bitwise.
+for _grad, _c in (("bf16", cost_leo_lion_bf16), ("1bit", cost_leo_1bit_grads)):
+    _update = "lion" if _grad == "bf16" else "lion-1bit"
+    _twin = f"leo_lion_{_grad}"
+    if _grad == "1bit":
+        register(Config("leo_lion_1bit_ddp", "ShardedLion, 1-bit grads, DDP hook", "lion", _update,
+                        _sharded("lion", "1bit", True), _c, lossy=True, leo_dist=True,
+                        probe=_probe_sharded("lion", "1bit", hook=True), twin=_twin, default=False))
+    register(Config(f"leo_lion_{_grad}_ddp_inhook", f"ShardedLion, {_grad} grads, DDP hook, sent in the hook",
+                    "lion", _update, _sharded("lion", _grad, True, overlap_grads=False), _c, lossy=_grad == "1bit",
+                    leo_dist=True, probe=_probe_sharded("lion", _grad, hook=True), twin=_twin, default=False))
+    register(Config(f"leo_lion_{_grad}_ddp_overlap", f"ShardedLion, {_grad} grads, DDP hook, overlap_updates",
+                    "lion", _update, _sharded("lion", _grad, True, overlap_updates=True), _c, lossy=_grad == "1bit",
+                    leo_dist=True, probe=_probe_sharded("lion", _grad, hook=True), twin=_twin, default=False))
+    for _mb in (2, 4):
+        register(Config(f"leo_lion_{_grad}_ddp_overlap_b{_mb}",
+                        f"ShardedLion, {_grad} grads, DDP hook, overlap_updates, {_mb} MB buckets", "lion", _update,
+                        _sharded("lion", _grad, True, overlap_updates=True, bucket_mb=_mb), _c, lossy=_grad == "1bit",
+                        leo_dist=True, probe=_probe_sharded("lion", _grad, hook=True), twin=_twin, default=False))
+        register(Config(f"leo_lion_{_grad}_ddp_b{_mb}", f"ShardedLion, {_grad} grads, DDP hook, {_mb} MB buckets",
+                        "lion", _update, _sharded("lion", _grad, True, bucket_mb=_mb), _c, lossy=_grad == "1bit",
+                        leo_dist=True, probe=_probe_sharded("lion", _grad, hook=True), twin=_twin, default=False))

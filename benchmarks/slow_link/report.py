@@ -78,9 +78,12 @@ def rows_from(recs: list[dict], target: float) -> list[dict]:
     borrow_twin_curves(recs)
     rows = []
     for r in recs:
-        free = statistics.median(r["free_step_s"][3:] or r["free_step_s"])
+        floor = [w for w in r["windows"] if not w["rate_bps"]]  # run.py --floor: timed unshaped window
+        free = statistics.median(floor[0]["step_s"] if floor else (r["free_step_s"][3:] or r["free_step_s"]))
         stt = steps_to_target(r["evals"], target)
         for w in r["windows"]:
+            if not w["rate_bps"]:
+                continue
             med = statistics.median(w["step_s"])
             measured = w["tx_bytes"] / (w["steps"] * r["world"])
             rows.append(dict(

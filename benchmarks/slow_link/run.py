@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "of their bitwise-identical standalone twin (checked on the steps both ran)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: tiny model, W=2, 16 steps, 2 timed steps per rate")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time a window on the unshaped loopback first (the compute floor; docs/overlap.md)")
     ap.add_argument("--run-timeout", type=int, default=1800, help="seconds before one torchrun is killed")
     args = ap.parse_args(argv)
     if args.quick:
@@ -85,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.rates = [netns.parse_rate(r) for r in args.rates.split(",") if r]
     if any(w < 2 for w in args.world_sizes):
         ap.error("--world-sizes: each must be >= 2 (there is no link at W=1)")
-    if args.window_at + args.timed_steps * len(args.rates) - 1 > args.steps:
+    if args.window_at + args.timed_steps * (len(args.rates) + args.floor) - 1 > args.steps:
         ap.error(f"--steps {args.steps} is too short for the timed windows starting at step {args.window_at}")
     return args
 
@@ -104,10 +106,11 @@ def machine() -> dict:
 
 def run_one(ns: netns.Namespace, cfg: configs.Config, world: int, args, raw_dir: str) -> dict | None:
     out = os.path.join(raw_dir, f"{cfg.name}_W{world}.json")
-    windows = ",".join(f"{netns.format_rate(r)}:{args.timed_steps}" for r in args.rates)
+    windows = ",".join((["none"] if args.floor else []) + [netns.format_rate(r) for r in args.rates])
+    windows = ",".join(f"{w}:{args.timed_steps}" for w in windows.split(","))
     steps = args.steps
     if cfg.twin and cfg.twin in args.ran.get(world, ()) and not args.full_twins:
-        steps = args.window_at + args.timed_steps * len(args.rates) - 1
+        steps = args.window_at + args.timed_steps * (len(args.rates) + args.floor) - 1
     cmd = ns.exec_prefix() + [
         "env", "OMP_NUM_THREADS=1", "GLOO_SOCKET_IFNAME=lo",
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",

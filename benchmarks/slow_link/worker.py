@@ -34,10 +34,12 @@ from launch.gpt import GPT, PRESETS, GPTConfig, get_batch, load_corpus  # noqa: 
 
 
 def parse_windows(text: str) -> list[tuple[float, int]]:
+    """``"none:5,100mbit:5"`` -> ``[(0.0, 5), (1e8, 5)]``; rate 0 ("none") is a window on the
+    unshaped loopback: the compute floor, timed exactly like the shaped windows."""
     out = []
     for item in filter(None, text.split(",")):
         rate, _, k = item.partition(":")
-        out.append((netns.parse_rate(rate), int(k or 5)))
+        out.append((0.0 if rate == "none" else netns.parse_rate(rate), int(k or 5)))
     return out
 
 
@@ -130,7 +132,7 @@ def main() -> None:
                     break
                 dist.barrier()
                 if rank == 0:
-                    if not args.no_shape:
+                    if rate and not args.no_shape:
                         netns.shape(rate, args.delay_ms)
                     before = netns.read_counters()
                 dist.barrier()
@@ -144,14 +146,14 @@ def main() -> None:
                 dist.barrier()
                 if rank == 0:
                     delta = netns.read_counters() - before
-                    if not args.no_shape:
+                    if rate and not args.no_shape:
                         netns.unshape()
                     stats = opt.comm_stats()["last_step"]["sum"] if hasattr(opt, "comm_stats") else None
                     record["windows"].append(dict(rate_bps=rate, steps=k, first_step=step - k, step_s=times,
                                                   tx_bytes=delta.tx_bytes, tx_packets=delta.tx_packets,
                                                   tcp_retrans=delta.tcp_retrans, qdisc_drops=delta.qdisc_drops,
                                                   library_sent_per_rank=stats and stats["sent"]))
-                    print(f"[{cfg.name} W={world}] {netns.format_rate(rate)}: median step "
+                    print(f"[{cfg.name} W={world}] {netns.format_rate(rate) if rate else 'unshaped'}: median step "
                           f"{statistics.median(times):.3f}s, {delta.tx_bytes / k / world / 1e6:.2f} MB/rank/step "
                           f"on the wire, retrans {delta.tcp_retrans}", flush=True)
             continue

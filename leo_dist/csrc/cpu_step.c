@@ -486,3 +486,127 @@ void leo2d_apply(void *p, const void *g, void *m, int64_t R, int64_t C, int pc, 
         }
     }
 }
+
+/* ---- The 1-bit gradient codec (leo_dist/onebit.py), one streamed block of all W rows. ----
+   Row r of the block: x_r = x + r*xs (float32[c], the local gradient), e_r = err + r*es (float32[c],
+   the error feedback, updated), nvalid[r] columns belong to parameters (the rest is padding, sent
+   as 0 and kept at 0 in e). Out: bits at out + r*os + bits_off (c/8 bytes, bit k of byte i set
+   where x+e > 0 for column 8i+k; x is overwritten with x+e), one float32 scale per run of 1024 columns at out + r*os +
+   scales_off (unaligned: memcpy). scale = mean |x+e| over the run's valid columns (summed in
+   double), 0 for a run with none; e <- (x+e) - (+-scale), except where that is not finite (e kept).
+   c is a multiple of 8. One pass over memory: a run of 1024 floats stays in L1 between its two
+   loops. */
+#if defined(__AVX2__) && LEO_USE_FMA
+/* 8 columns: v = x+e (0 past nv), written back to x; returns their |v| lanes. */
+static inline __m256 ob_load(float *xr, const float *er, int64_t j, int64_t nv) {
+    __m256 v = _mm256_add_ps(_mm256_loadu_ps(xr + j), _mm256_loadu_ps(er + j));
+    if (j + 8 > nv) {
+        const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)(j - nv)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        v = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_setzero_si256(), idx)));
+    }
+    _mm256_storeu_ps(xr + j, v);
+    return v;
+}
+#endif
+
+void onebit_compress(float *x, int64_t xs, float *err, int64_t es, int64_t world, int64_t c,
+                     const int64_t *nvalid, uint8_t *out, int64_t os, int64_t bits_off, int64_t scales_off,
+                     int nt) {
+    const int64_t runs = (c + 1023) / 1024;
+#pragma omp parallel for num_threads(nt) schedule(static) collapse(2)
+    for (int64_t r = 0; r < world; r++) {
+        for (int64_t q = 0; q < runs; q++) {
+            float *xr = x + r * xs;
+            float *er = err + r * es;
+            const int64_t nv = nvalid[r], lo = q * 1024, hi = lo + 1024 < c ? lo + 1024 : c;
+            const int64_t vhi = nv < lo ? lo : (nv < hi ? nv : hi);
+            uint8_t *bits = out + r * os + bits_off;
+            double sum = 0.0;
+            int64_t i = lo;
+#if defined(__AVX2__) && LEO_USE_FMA
+            const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+            __m256 acc = _mm256_setzero_ps();
+            for (; i < hi; i += 8) acc = _mm256_add_ps(acc, _mm256_and_ps(ob_load(xr, er, i, nv), absmask));
+            float lanes[8];
+            _mm256_storeu_ps(lanes, acc);
+            for (int k = 0; k < 8; k++) sum += lanes[k];
+#else
+            for (; i < hi; i++) {
+                const float v = i < nv ? xr[i] + er[i] : 0.0f;
+                xr[i] = v;
+                sum += fabsf(v);
+            }
+#endif
+            const float scale = vhi > lo ? (float)(sum / (double)(vhi - lo)) : 0.0f;
+            memcpy(out + r * os + scales_off + 4 * q, &scale, 4);
+            i = lo;
+#if defined(__AVX2__) && LEO_USE_FMA
+            const __m256 ps = _mm256_set1_ps(scale), ns = _mm256_set1_ps(-scale), zero = _mm256_setzero_ps();
+            for (; i < hi; i += 8) {
+                const __m256 v = _mm256_loadu_ps(xr + i);
+                const __m256 pos = _mm256_cmp_ps(v, zero, _CMP_GT_OQ);
+                bits[i / 8] = (uint8_t)_mm256_movemask_ps(pos);
+                const __m256 ne = _mm256_sub_ps(v, _mm256_blendv_ps(ns, ps, pos));
+                /* finite iff ne - ne == 0; columns past nv take 0 */
+                const __m256 fin = _mm256_cmp_ps(_mm256_sub_ps(ne, ne), zero, _CMP_EQ_OQ);
+                __m256 e = _mm256_blendv_ps(_mm256_loadu_ps(er + i), ne, fin);
+                if (i + 8 > nv) {
+                    const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)(i - nv)),
+                                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+                    e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_setzero_si256(), idx)));
+                }
+                _mm256_storeu_ps(er + i, e);
+            }
+#else
+            for (; i < hi; i += 8) {
+                unsigned byte = 0;
+                for (int k = 0; k < 8; k++) {
+                    const int64_t j = i + k;
+                    const float v = xr[j];
+                    const unsigned pos = v > 0.0f;
+                    byte |= pos << k;
+                    const float ne = v - (pos ? scale : -scale);
+                    if (j >= nv) er[j] = 0.0f;
+                    else if (isfinite(ne)) er[j] = ne;
+                }
+                bits[i / 8] = (uint8_t)byte;
+            }
+#endif
+        }
+    }
+}
+
+/* The owner's side: out[j] = (sum over r = 0, 1, ... of +-scale_r(j)) / world, in float32 and in
+   rank order (bitwise what unpack, multiply and leo_dist.collectives.sum_in_rank_order give).
+   Message r: bits at recv + r*rs + bits_off (bit j of the block), its scales at scales + r*ss + k0
+   (float32, one per run of 1024 columns of the shard; k0 = the block's first run). */
+void onebit_decode(const uint8_t *recv, int64_t rs, int64_t bits_off, const float *scales, int64_t ss,
+                   int64_t k0, int64_t world, int64_t c, float *out, int nt) {
+    const float w = (float)world;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < c; i += 8) {
+#if defined(__AVX2__) && LEO_USE_FMA
+        const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t r = 0; r < world; r++) {
+            const __m256i b = _mm256_set1_epi32(recv[r * rs + bits_off + i / 8]);
+            const __m256 set = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(b, sel), sel));
+            const float sc = scales[r * ss + k0 + i / 1024];
+            const __m256 v = _mm256_blendv_ps(_mm256_set1_ps(-sc), _mm256_set1_ps(sc), set);
+            acc = r == 0 ? v : _mm256_add_ps(acc, v);
+        }
+        _mm256_storeu_ps(out + i, _mm256_div_ps(acc, _mm256_set1_ps(w)));
+#else
+        float acc[8] = {0};
+        for (int64_t r = 0; r < world; r++) {
+            const unsigned byte = recv[r * rs + bits_off + i / 8];
+            const float sc = scales[r * ss + k0 + i / 1024];
+            for (int k = 0; k < 8; k++) {
+                const float v = (byte >> k) & 1u ? sc : -sc;
+                acc[k] = r == 0 ? v : acc[k] + v;
+            }
+        }
+        for (int k = 0; k < 8; k++) out[i + k] = acc[k] / w;
+#endif
+    }
+}
