@@ -42,12 +42,15 @@ class TinyLM(nn.Module):
         return self.head(self.down(h)).logsumexp(-1).mean()
 
 
-def _run(rank, world, kind, overlap, hook, steps=4):
+def _run(rank, world, kind, overlap, hook, steps=4, opt_kw=None):
+    opt_kw = opt_kw or {}
     model = TinyLM()
-    net = DDP(model, find_unused_parameters=True) if hook else model
+    net = DDP(model, find_unused_parameters=True, bucket_cap_mb=1e-3) if hook else model
     cls = leo_dist.ShardedLeo if kind.startswith("leo") else leo_dist.ShardedLion
     kw = {"update_comm": "1bit"} if kind == "leo-1bit" else {}
-    opt = cls(model.parameters(), lr=1e-2, bucket_mb=1e-4, overlap_updates=overlap, **kw)
+    opt = cls(model.parameters(), lr=1e-2, bucket_mb=1e-4, overlap_updates=overlap, **kw, **opt_kw)
+    if opt_kw.get("overlap_grads") is not None and world > 1 and opt.overlap_grads != opt_kw["overlap_grads"]:
+        raise AssertionError("overlap_grads was not honoured")
     if hook:
         leo_dist.hooks.attach(net, opt)
     elif overlap:
@@ -96,6 +99,24 @@ def test_overlapped_updates_equal_the_synchronous_ones(world, kind, hook):
     assert got[0][4] == [True]
 
 
+GRAD_CASES = [(2, "lion", True, "bf16", False), (3, "leo", True, "1bit", True), (3, "lion", False, "fp32", False),
+              (2, "leo-1bit", True, "fp32", True)]
+
+
+@pytest.mark.parametrize("world,kind,hook,grad_comm,overlap", GRAD_CASES,
+                         ids=[f"w{w}-{k}-{'hook' if h else 'standalone'}-{g}-{'overlap' if o else 'sync'}"
+                              for w, k, h, g, o in GRAD_CASES])
+def test_background_gradient_exchange_equals_the_in_hook_one(world, kind, hook, grad_comm, overlap):
+    # overlap_grads (leo_dist.sender: the exchange sent from a background thread on a group of
+    # its own) changes when bytes leave, never which: losses and parameters bitwise equal
+    kw = dict(grad_comm=grad_comm, grad_comm_warmup=1)
+    ref = run_ranks(_run, world, kind, overlap, hook, 4, dict(kw, overlap_grads=False))
+    got = run_ranks(_run, world, kind, overlap, hook, 4, dict(kw, overlap_grads=True))
+    for r in range(world):
+        assert got[r][3] and ref[r][3], "replicas differ"
+        assert got[r][0] == ref[r][0] and got[r][2] == ref[r][2], f"rank {r} differs with the background sender"
+
+
 def _no_model(rank, world):
     p = nn.Parameter(torch.ones(4))
     opt = leo_dist.ShardedLion([p], overlap_updates=True)
@@ -110,9 +131,14 @@ def _no_model(rank, world):
         leo_dist.ShardedLion([nn.Parameter(torch.ones(4))], overlap_updates="yes")
     except TypeError as e:
         msg += " | " + str(e)
+    try:
+        leo_dist.ShardedLion([nn.Parameter(torch.ones(4))], overlap_grads=1)
+    except TypeError as e:
+        msg += " | " + str(e)
     return msg
 
 
 def test_overlap_without_a_model_raises():
     msg = run_ranks(_no_model, 1)[0]
     assert "register_model" in msg and "overlap_updates must be a bool" in msg
+    assert "overlap_grads must be None or a bool" in msg
