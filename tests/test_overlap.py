@@ -83,13 +83,16 @@ def _run(rank, world, kind, overlap, hook, steps=4, opt_kw=None):
     return losses, [p.detach().clone() for p in model.parameters()], params_hash(model.parameters()), ok, stale
 
 
-CASES = [(1, "lion", False), (2, "lion", True), (2, "leo", False), (3, "leo-1bit", True)]
+CASES = [(1, "lion", False, "fp32"), (2, "lion", True, "fp32"), (2, "leo", False, "bf16"),
+         (3, "leo-1bit", True, "fp32"), (4, "lion", True, "1bit")]
 
 
-@pytest.mark.parametrize("world,kind,hook", CASES, ids=[f"w{w}-{k}-{'hook' if h else 'standalone'}" for w, k, h in CASES])
-def test_overlapped_updates_equal_the_synchronous_ones(world, kind, hook):
-    ref = run_ranks(_run, world, kind, False, hook)
-    got = run_ranks(_run, world, kind, True, hook)
+@pytest.mark.parametrize("world,kind,hook,grad_comm", CASES,
+                         ids=[f"w{w}-{k}-{'hook' if h else 'standalone'}-{g}" for w, k, h, g in CASES])
+def test_overlapped_updates_equal_the_synchronous_ones(world, kind, hook, grad_comm):
+    kw = dict(grad_comm=grad_comm, grad_comm_warmup=1)
+    ref = run_ranks(_run, world, kind, False, hook, 4, kw)
+    got = run_ranks(_run, world, kind, True, hook, 4, kw)
     for r in range(world):
         assert got[r][3] and ref[r][3], "replicas differ"
         assert got[r][0] == ref[r][0], f"rank {r}: a forward saw other parameter values with overlap"
