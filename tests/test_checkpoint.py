@@ -70,13 +70,27 @@ def _resume_dcp(rank, world, mode, path, mid, first_world):
     return loaded, [p.detach().clone() for p in params], hashes, steps
 
 
-@pytest.mark.parametrize("mode", MODES, ids=["-".join(m) for m in MODES])
-def test_dcp_save_at_4_resume_at_1_to_4(mode, tmp_path):
-    path = str(tmp_path / "ckpt")
-    saved_full, mid, _ = run_ranks(_save_dcp, 4, mode, path)[0]
+def _save_dcp_all(rank, world, root):
+    # every mode in one set of processes (spawning ranks costs more than the runs themselves)
+    return [_save_dcp(rank, world, mode, f"{root}/{'-'.join(mode)}") for mode in MODES]
+
+
+def _resume_dcp_all(rank, world, root, mids, first_world):
+    return [_resume_dcp(rank, world, mode, f"{root}/{'-'.join(mode)}", mid, first_world)
+            for mode, mid in zip(MODES, mids)]
+
+
+def test_dcp_save_at_4_resume_at_1_to_4(tmp_path):
+    root = str(tmp_path)
+    saved = run_ranks(_save_dcp_all, 4, root)[0]
+    resumed = {world: run_ranks(_resume_dcp_all, world, root, [s[1] for s in saved], 4) for world in (1, 2, 3, 4)}
+    for m, mode in enumerate(MODES):
+        _check_resumed(mode, saved[m][0], {w: [o[m] for o in outs] for w, outs in resumed.items()})
+
+
+def _check_resumed(mode, saved_full, resumed):
     exact = mode[1] != "1bit" and mode[2] == "exact"
-    for world in (1, 2, 3, 4):
-        outs = run_ranks(_resume_dcp, world, mode, path, mid, 4)
+    for world, outs in resumed.items():
         loaded, params, hashes, steps = outs[0]
         assert steps == HALF  # the step count (1-bit warm-up) came back from the checkpoint
         for r in range(1, world):

@@ -92,15 +92,21 @@ def main() -> None:
         g = torch.Generator().manual_seed((args.seed * 1_000_003 + rank) * 1_000_003 + step)
         return get_batch(train_ids, args.batch_size, gcfg.block_size, g)
 
+    phases: list[tuple[float, float, float]] = []  # per step: forward, backward, step() seconds
+
     def train_step(step: int) -> float:
         factor = min(1.0, step / args.lr_warmup) if args.lr_warmup > 0 else 1.0
         for group, base in zip(opt.param_groups, base_lrs):
             group["lr"] = base * factor
         x, y = batch(step)
+        t0 = time.perf_counter()
         _, loss = fwd(x, y)
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
         return loss.item()
 
     @torch.no_grad()
@@ -137,6 +143,7 @@ def main() -> None:
                     before = netns.read_counters()
                 dist.barrier()
                 times, t_prev = [], time.perf_counter()
+                del phases[:]
                 for _ in range(k):
                     record["train_loss"].append(train_step(step))
                     now = time.perf_counter()
@@ -150,11 +157,16 @@ def main() -> None:
                         netns.unshape()
                     stats = opt.comm_stats()["last_step"]["sum"] if hasattr(opt, "comm_stats") else None
                     record["windows"].append(dict(rate_bps=rate, steps=k, first_step=step - k, step_s=times,
+                                                  forward_s=[ph[0] for ph in phases],
+                                                  backward_s=[ph[1] for ph in phases],
+                                                  opt_step_s=[ph[2] for ph in phases],
                                                   tx_bytes=delta.tx_bytes, tx_packets=delta.tx_packets,
                                                   tcp_retrans=delta.tcp_retrans, qdisc_drops=delta.qdisc_drops,
                                                   library_sent_per_rank=stats and stats["sent"]))
+                    med = [statistics.median(ph[i] for ph in phases) for i in range(3)]
                     print(f"[{cfg.name} W={world}] {netns.format_rate(rate) if rate else 'unshaped'}: median step "
-                          f"{statistics.median(times):.3f}s, {delta.tx_bytes / k / world / 1e6:.2f} MB/rank/step "
+                          f"{statistics.median(times):.3f}s (fwd {med[0]:.3f} bwd {med[1]:.3f} step {med[2]:.3f}), "
+                          f"{delta.tx_bytes / k / world / 1e6:.2f} MB/rank/step "
                           f"on the wire, retrans {delta.tcp_retrans}", flush=True)
             continue
         t0 = time.perf_counter()
