@@ -13,7 +13,8 @@ with ``update_comm="1bit"``). Leo's exact matrix updates and "adamw" groups are 
 Contract:
 
 * no collective is issued after ``step()`` returns (all are started in it, in the same order on
-  every rank), so a forward that skips modules, runs under ``torch.no_grad()``, or is repeated for
+  every rank: the order in which the buckets' modules appear in ``model.modules()``, a proxy of
+  the forward order that needs no communication), so a forward that skips modules, runs under ``torch.no_grad()``, or is repeated for
   gradient accumulation cannot make ranks disagree; a pre-hook only waits and applies;
 * each bucket is applied exactly once, before the first forward of any module owning one of its
   parameters (tied weights: whichever module comes first); with the same bytes and arithmetic as
@@ -53,6 +54,8 @@ class DeferredUpdates:
         self.layout = layout
         self._pending: dict[int, InFlight] = {}
         self._handles: list[Any] = []
+        #: bucket index -> launch rank: the order the forward will want them (see :meth:`register`)
+        self._rank: dict[int, int] = {}
 
     @property
     def registered(self) -> bool:
@@ -65,12 +68,20 @@ class DeferredUpdates:
         for module in model.modules():
             buckets = sorted({self.layout.where[id(p)][0] for p in module.parameters(recurse=False)
                               if id(p) in self.layout.where})
+            for bi in buckets:
+                # first appearance in model.modules() (definition order): the usual forward order,
+                # and the same on every rank, as the launch order of collectives must be. Buckets
+                # are laid out in reverse (backward's) order, so launching by index would send the
+                # first layers' bits last and make the forward wait for all of them (measured).
+                self._rank.setdefault(bi, len(self._rank))
             if buckets:
                 self._handles.append(module.register_forward_pre_hook(
                     lambda _m, _args, buckets=buckets: self.complete(buckets)))
 
     def launch(self, comm: Comm, packed: list[Packed]) -> None:
-        """Start every packed bucket's all-gathers (collective); applied later."""
+        """Start every packed bucket's all-gathers (collective), in the order the next forward
+        needs them; applied later."""
+        packed = sorted(packed, key=lambda p: (self._rank.get(p.index, len(self._rank)), p.index))
         for flight in start_packed(comm, packed):
             self._pending[flight.packed.index] = flight
 
