@@ -42,10 +42,20 @@ def _groups(module: nn.Module, optimizer: str, rest: dict[str, Any] | None, weig
     return groups
 
 
-#: bucket size (MiB) of the DDP wrapper and the optimizer that :func:`prepare` builds. Measured on
-#: the slow-link harness (W=2, bf16 gradients, 100 Mbit/s): 25 MiB buckets 2.47 s/step, 4 MiB 2.19 s,
-#: 2 MiB 2.15 s; 4 keeps the number of collectives per step modest on high-latency links.
-BUCKET_MB = 4
+#: bucket sizes (MiB of fp32 gradient) of the DDP wrapper and optimizer that :func:`prepare` builds:
+#: about :data:`MIN_BUCKETS` buckets, between 1 and 25 MiB (DDP's default). The hook can start a
+#: bucket's exchange only once DDP hands all of it over, so a small model wants small buckets;
+#: a large one wants few collectives. Measured on the slow-link harness (10.8M parameters, W=2,
+#: bf16 gradients, 100 Mbit/s, docs/overlap.md): 25 MiB 2.43–2.47 s/step, 4 MiB 2.05–2.19 s,
+#: 2 MiB 2.00–2.15 s.
+MAX_BUCKET_MB, MIN_BUCKET_MB, MIN_BUCKETS = 25.0, 1.0, 16
+
+
+def bucket_mb_for(model: nn.Module) -> float:
+    """The bucket size :func:`prepare` uses for ``model``: its fp32 gradient bytes over
+    :data:`MIN_BUCKETS`, clamped to [:data:`MIN_BUCKET_MB`, :data:`MAX_BUCKET_MB`] MiB."""
+    mb = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad) / 2**20
+    return min(MAX_BUCKET_MB, max(MIN_BUCKET_MB, mb / MIN_BUCKETS))
 
 
 def prepare(model: nn.Module, optimizer: str = "leo", *, rest: str | dict[str, Any] | None = None,
@@ -67,7 +77,7 @@ def prepare(model: nn.Module, optimizer: str = "leo", *, rest: str | dict[str, A
         grad_scaler: a ``torch.amp.GradScaler`` for the hook to unscale with (see :func:`leo_dist.hooks.attach`).
         **kwargs: the optimizer's own arguments (``lr``, ``weight_decay``, ``grad_comm``, ``bucket_mb``,
             ``process_group``, ...); ``weight_decay`` applies to the matrices. ``bucket_mb``
-            defaults to :data:`BUCKET_MB` here, and the DDP wrapper prepare() builds gets the same
+            defaults to :func:`bucket_mb_for` here, and the DDP wrapper prepare() builds gets the same
             ``bucket_cap_mb``: the hook can start a bucket's exchange only once DDP hands it over,
             so small DDP buckets start the exchange early in backward (docs/overlap.md measures it).
 
@@ -97,7 +107,7 @@ def prepare(model: nn.Module, optimizer: str = "leo", *, rest: str | dict[str, A
                                "torch.distributed initialised (torchrun + dist.init_process_group)")
         devices = {p.device for p in model.parameters()}
         cuda = len(devices) == 1 and next(iter(devices)).type == "cuda"
-        kwargs.setdefault("bucket_mb", BUCKET_MB)
+        kwargs.setdefault("bucket_mb", bucket_mb_for(model))
         ddp = DistributedDataParallel(model, device_ids=[next(iter(devices))] if cuda else None,
                                       process_group=kwargs.get("process_group"), bucket_cap_mb=kwargs["bucket_mb"])
     default_wd = 0.01 if optimizer == "leo" else 0.0

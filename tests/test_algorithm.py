@@ -282,3 +282,11 @@ def test_single_process_optimizers_refuse_other_algorithms():
     with pytest.raises(ValueError, match="algorithm"):
         opt.load_state_dict(state)
     assert opt.state_dict() == before  # nothing loaded
+
+
+def test_prepare_sizes_buckets_for_the_model():
+    # about 16 buckets per model, between 1 MiB and DDP's 25 MiB (docs/overlap.md measures why)
+    from leo_dist.prepare import bucket_mb_for
+    assert bucket_mb_for(nn.Linear(10, 10)) == 1.0
+    assert bucket_mb_for(nn.Linear(4096, 4096)) == pytest.approx(4 * 4096 * 4097 / 2**20 / 16)
+    assert bucket_mb_for(nn.Linear(20000, 20000, device="meta")) == 25.0
