@@ -13,26 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]
 
 import torch  # noqa: E402
+from local_step import median_time  # noqa: E402  (benchmarks/local_step.py: a warm-up, then the median)
 
 from leo_dist import cpu_step, onebit  # noqa: E402
 from leo_dist.exchange import CHUNK_ELEMS  # noqa: E402
-
-
-def median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -56,12 +47,13 @@ def main() -> None:
         if use_c and not cpu_step.available():
             continue
         onebit.USE_C = use_c
-        rows[name] = dict(
-            compress_s=median_s(lambda: onebit.compress_grad_stream_(fill, err, out, w, shard, n, cols), args.repeats),
-            decode_s=median_s(lambda: onebit.decode_grad(out, w, shard, cols=cols), args.repeats))
+        compress = lambda: onebit.compress_grad_stream_(fill, err, out, w, shard, n, cols)  # noqa: E731
+        rows[name] = dict(compress_s=median_time(compress, args.repeats),
+                          decode_s=median_time(lambda: onebit.decode_grad(out, w, shard, cols=cols), args.repeats))
     onebit.USE_C = True
-    rows["bf16 cast (the bf16 mode's staging)"] = dict(compress_s=median_s(lambda: x.to(torch.bfloat16), args.repeats))
-    rows["fp32 copy (one bandwidth pass)"] = dict(compress_s=median_s(lambda: x.clone(), args.repeats))
+    rows["bf16 cast (the bf16 mode's staging)"] = dict(
+        compress_s=median_time(lambda: x.to(torch.bfloat16), args.repeats))
+    rows["fp32 copy (one bandwidth pass)"] = dict(compress_s=median_time(lambda: x.clone(), args.repeats))
     print(f"{n} elements, W={w}, one thread, medians of {args.repeats}")
     print(f"{'':40s} {'compress ms':>12s} {'decode ms':>10s}")
     for name, r in rows.items():

@@ -30,14 +30,19 @@ from torch import Tensor
 __all__ = ["inverse_scale", "scaling_protocol"]
 
 
+def _reciprocal(scale: Tensor) -> Tensor:
+    # in float64, then float32, as GradScaler computes its own inv_scale: the hook's and the
+    # standalone step's unscaling must give the same bits
+    return scale.double().reciprocal().float().reshape(())
+
+
 def inverse_scale(scaler: Any, device: torch.device) -> Tensor | None:
     """``1/scale`` of ``scaler`` as a float32 scalar tensor on ``device`` (the reciprocal taken in
     float64, as GradScaler takes it), or None without an enabled scaler. Uses only the public
     ``scaler.scale(tensor)``: no host sync."""
     if scaler is None or not scaler.is_enabled():
         return None
-    scale = scaler.scale(torch.ones(1, dtype=torch.float64, device=device))
-    return scale.reciprocal().float().reshape(())
+    return _reciprocal(scaler.scale(torch.ones(1, dtype=torch.float64, device=device)))
 
 
 def scaling_protocol(optimizer: Any) -> tuple[bool, Tensor | None, Tensor | None]:
@@ -47,5 +52,4 @@ def scaling_protocol(optimizer: Any) -> tuple[bool, Tensor | None, Tensor | None
     if not hasattr(optimizer, "found_inf"):
         return False, None, None
     scale = getattr(optimizer, "grad_scale", None)
-    inv = None if scale is None else scale.double().reciprocal().float().reshape(())
-    return True, inv, optimizer.found_inf
+    return True, None if scale is None else _reciprocal(scale), optimizer.found_inf

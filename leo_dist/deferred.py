@@ -14,8 +14,9 @@ Contract:
 
 * no collective is issued after ``step()`` returns (all are started in it, in the same order on
   every rank: the order in which the buckets' modules appear in ``model.modules()``, a proxy of
-  the forward order that needs no communication), so a forward that skips modules, runs under ``torch.no_grad()``, or is repeated for
-  gradient accumulation cannot make ranks disagree; a pre-hook only waits and applies;
+  the forward order that needs no communication), so a forward that skips modules, runs under
+  ``torch.no_grad()``, or is repeated for gradient accumulation cannot make ranks disagree; a
+  pre-hook only waits and applies;
 * each bucket is applied exactly once, before the first forward of any module owning one of its
   parameters (tied weights: whichever module comes first); with the same bytes and arithmetic as
   without overlap, so parameters and replicas are bitwise the same;

@@ -30,11 +30,12 @@ __all__ = ["BackgroundSender"]
 
 class BackgroundSender:
     """Runs submitted jobs one at a time, in submission order, on one daemon thread (started at
-    the first submission). :meth:`drain` waits until every job so far has run."""
+    the first submission, idle between steps, gone with the process). :meth:`drain` waits until
+    every job so far has run."""
 
     def __init__(self, name: str = "leo_dist-sender"):
         self._name = name
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._done = threading.Condition()
         self._pending = 0
         self._error: BaseException | None = None
@@ -51,8 +52,6 @@ class BackgroundSender:
     def _run(self) -> None:
         while True:
             job = self._jobs.get()
-            if job is None:
-                return
             try:
                 if self._error is None:  # after a failure, the queued jobs are dropped
                     job()
@@ -63,9 +62,6 @@ class BackgroundSender:
                     self._pending -= 1
                     self._done.notify_all()
 
-    def idle(self) -> bool:
-        return self._pending == 0
-
     def drain(self) -> None:
         """Wait until every submitted job has run; raise the first error one of them raised
         (once: the sender is usable again afterwards)."""
@@ -75,9 +71,3 @@ class BackgroundSender:
             error, self._error = self._error, None
         if error is not None:
             raise error
-
-    def close(self) -> None:
-        """Stop the thread after the jobs already queued."""
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread = None

@@ -18,9 +18,9 @@ local arithmetic        Triton / C / torch                         :func:`~leo_d
 ======================  =========================================  ==============================
 
 Bytes per rank and step: the exchange sends ``(W−1)/W·N·wire_bytes``; sign buckets all-gather
-``S/8`` bytes per rank and bucket (and one float per bucket in one all-reduce for all); Leo's matrices add two all-reduces of ``O(rows+cols)``
-floats and send their update in the parameter dtype (``update_comm="exact"``) or as bits plus one
-all-reduce of one float per row (``"1bit"``). Every rank decodes and applies the same bytes with
+``S/8`` bytes per rank and bucket (and one float per bucket in one all-reduce for all); Leo's
+matrices add two all-reduces of ``O(rows+cols)`` floats and send their update in the parameter
+dtype (``update_comm="exact"``) or as bits plus one all-reduce of one float per row (``"1bit"``). Every rank decodes and applies the same bytes with
 the same arithmetic, so replicas stay bitwise identical.
 
 A parameter with ``requires_grad=False`` is not held; one whose gradient is None on every rank is
@@ -46,12 +46,12 @@ from .adamw import AdamWStep, algorithm_of, resolve_algorithm
 from .collectives import CollectiveError, Comm
 from .ddp_guard import DDPGuard
 from .dispatch import select_backend
-from .exchange import GradientExchange
-from .sender import BackgroundSender
-from .groups import resolve_group
 from .deferred import DeferredUpdates
+from .exchange import GradientExchange
+from .groups import resolve_group
 from .matrix import MatrixStep
 from .partition import Layout
+from .sender import BackgroundSender
 from .signs import SignStep, exchange_packed
 from .validation import (check_hyperparameters, check_momentum_dtype, check_param, check_params_unique,
                          check_same_options_everywhere)
