@@ -183,6 +183,11 @@ def main(argv=None):
             h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         with open(args.out, "w") as f:
             json.dump({"start": start, "losses": losses, "params_sha256": h.hexdigest()}, f)
+    # DDP's reducer holds the process group from C++ and frees it with the GIL held; if that is
+    # the last reference, gloo's worker joins can wait on the GIL forever (seen 1 run in 8 here).
+    # Dropping the model first leaves the last reference to destroy_process_group, which
+    # releases the GIL.
+    del model, opt
     dist.destroy_process_group()
 
 
