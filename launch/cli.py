@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--update-comm", choices=("exact", "1bit"), default="exact",
                    help="sharded_leo only: how Leo's 2-D updates travel: exact (parameter dtype) or 1bit "
                         "(signs + scales with error feedback) (default: exact)")
+    g.add_argument("--ranks-per-node", default=None, metavar="G|auto",
+                   help="sharded optimizers only: the topology-aware exchange with G ranks per node ('auto': "
+                        "torchrun's LOCAL_WORLD_SIZE); gradients cross nodes once, as each node's sums "
+                        "(default: the flat exchange)")
     g.add_argument("--bucket-mb", type=_float_range(0.0, lo_open=True), default=25.0,
                    help="bucket size of the sharded optimizers' collectives in MiB (default: 25)")
     g.add_argument("--ddp", action="store_true",
@@ -140,6 +144,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--update-comm only applies to --optimizer sharded_leo")
     if args.grad_comm_warmup is not None and args.grad_comm != "1bit":
         parser.error("--grad-comm-warmup only applies with --grad-comm 1bit")
+    if args.ranks_per_node is not None:
+        if not sharded:
+            parser.error("--ranks-per-node needs a sharded optimizer (sharded_leo or sharded_lion)")
+        if args.ranks_per_node != "auto":
+            try:
+                args.ranks_per_node = int(args.ranks_per_node)
+            except ValueError:
+                parser.error(f"--ranks-per-node must be an integer or 'auto', got {args.ranks_per_node!r}")
     if not sharded and args.grad_comm == "1bit":
         parser.error("--grad-comm 1bit needs a sharded optimizer (sharded_leo or sharded_lion)")
     if not sharded and args.grad_comm == "bf16" and not args.ddp:

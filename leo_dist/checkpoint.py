@@ -276,7 +276,9 @@ def load_sharded_state_dict(opt, sd: dict[str, Any]) -> None:
                 shards = entry.local_shards() if entry is not None else []
                 if shards:
                     view.copy_(shards[0].tensor)
-            opt._comm.all_gather(opt._exchange.grad_error[bi], mine)
+            mean = torch.empty_like(opt._exchange.grad_error[bi])
+            opt._comm.all_gather(mean, mine)
+            opt._exchange.set_mean_error(bi, mean)
     _restore_groups_and_steps(opt, groups, meta)
 
 
@@ -303,6 +305,7 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
         for s in b.slots:
             entries.append((bi, s, state.get(saved_ids[s.index]) or {}))
     rank = opt._comm.rank
+    means = {bi: torch.zeros_like(e) for bi, e in opt._exchange.grad_error.items()} if opt.grad_comm == "1bit" else {}
     for bi, s, entry in entries:
         b = opt._layout.buckets[bi]
         a, e = s.owned(*b.shard_range(rank))
@@ -313,5 +316,7 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
         if "step" in entry and "step" in mine:
             mine["step"].copy_(torch.as_tensor(entry["step"], dtype=torch.float32).reshape(()))
         if "grad_error" in entry and opt.grad_comm == "1bit":
-            opt._exchange.grad_error[bi][s.offset : s.offset + s.numel].copy_(entry["grad_error"].reshape(-1))
+            means[bi][s.offset : s.offset + s.numel].copy_(entry["grad_error"].reshape(-1))
+    for bi, mean in means.items():
+        opt._exchange.set_mean_error(bi, mean)
     _restore_groups_and_steps(opt, state_dict["param_groups"], state_dict.get("leo_dist", {}))

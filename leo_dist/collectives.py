@@ -149,9 +149,13 @@ def sum_in_rank_order(chunks: Tensor, out: Tensor | None = None) -> Tensor:
 class Comm:
     """Collectives over ``group`` (``None`` with no initialised default group: a world of 1)."""
 
-    def __init__(self, group: dist.ProcessGroup | None, stats: CommStats | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, stats: CommStats | None = None, label: str = "",
+                 solo: bool = False) -> None:
         self.stats = stats if stats is not None else CommStats()
-        if group is None and dist.is_available() and dist.is_initialized():
+        #: appended to every kind this Comm books ("all_gather:inter"): the levels of a
+        #: topology-aware exchange (leo_dist.topology) book apart in one CommStats
+        self.label = label
+        if group is None and not solo and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
         self.group = group
         if group is None:
@@ -176,25 +180,30 @@ class Comm:
         into the same :class:`CommStats` (collective over this group's ranks only). Collectives
         on the two groups never pair with each other, whichever thread issues them."""
         if not self.distributed:
-            return Comm(self.group, stats=self.stats)
+            return Comm(self.group, stats=self.stats, label=self.label, solo=self.group is None)
+        group = self.subgroup(dist.get_process_group_ranks(self.group), use_local_synchronization=True)
+        twin = Comm(group, stats=self.stats, label=self.label)
+        twin.native_reduce_scatter = self.native_reduce_scatter
+        return twin
+
+    def subgroup(self, ranks: list[int], use_local_synchronization: bool = False) -> dist.ProcessGroup:
+        """``dist.new_group(ranks)`` (global ranks) with this group's backend and timeout."""
         options = getattr(self.group._get_backend(torch.device("cpu")), "options", None) \
             if self.backend == "gloo" else None
         # torch exposes a group's timeout only on its backend's options (the default otherwise)
         timeout = getattr(options, "_timeout", None)
-        group = dist.new_group(dist.get_process_group_ranks(self.group), timeout=timeout, backend=self.backend,
-                               use_local_synchronization=True)
-        twin = Comm(group, stats=self.stats)
-        twin.native_reduce_scatter = self.native_reduce_scatter
-        return twin
+        return dist.new_group(ranks, timeout=timeout, backend=self.backend,
+                              use_local_synchronization=use_local_synchronization)
 
     def _count(self, kind: str, t_in: Tensor, t_out: Tensor, sent: float, received: float) -> None:
-        self.stats.add(kind, t_in.numel() * t_in.element_size(), t_out.numel() * t_out.element_size(),
-                       int(sent), int(received))
+        self.stats.add(f"{kind}:{self.label}" if self.label else kind, t_in.numel() * t_in.element_size(),
+                       t_out.numel() * t_out.element_size(), int(sent), int(received))
 
     def book(self, kind: str, bytes_in: int, bytes_out: int, sent: float, received: float) -> None:
         """Count one logical collective of ``kind`` that travels as several calls made with
         ``count=False`` (a bucket's chunked reduce-scatter): its stats then read as one call."""
-        self.stats.add(kind, int(bytes_in), int(bytes_out), int(sent), int(received))
+        self.stats.add(f"{kind}:{self.label}" if self.label else kind, int(bytes_in), int(bytes_out), int(sent),
+                       int(received))
 
     def book_reduce_scatter(self, numel: int, dtype: torch.dtype) -> None:
         """Book one reduce-scatter of ``numel`` elements of ``dtype`` that travels as several

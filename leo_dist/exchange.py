@@ -32,9 +32,10 @@ import torch
 from torch import Tensor
 
 from . import onebit
-from .collectives import Comm, naming
+from .collectives import Comm, naming, sum_in_rank_order
 from .partition import Layout
 from .sender import BackgroundSender
+from .topology import HierComm
 from .validation import check_grad
 
 __all__ = ["GradientExchange", "WIRE_DTYPES", "CHUNK_ELEMS", "MAX_INFLIGHT"]
@@ -91,11 +92,22 @@ class GradientExchange:
             bi: torch.zeros(b.padded, dtype=torch.float32, device=device)
             for bi, b in enumerate(buckets)} if grad_comm == "1bit" else {}
         max_shard = max((b.shard for b in buckets), default=0)
-        wire_bytes = w * min(self.cols, max_shard) * torch.finfo(self.wire).bits // 8
+        cols = min(self.cols, max_shard)
+        #: two-level exchange (leo_dist.topology): float32 inside the node, the wire dtype across
+        self.hier = comm if isinstance(comm, HierComm) and comm.distributed else None
+        # the send-buffer row of each owner's shard (rank order for the flat exchange)
+        self._row = self.hier.row_order() if self.hier else list(range(w))
+        m = self.hier.nodes if self.hier else w  # rows of a 1-bit message table
+        wire_bytes = w * cols * torch.finfo(self.wire).bits // 8
+        if self.hier:  # float32 (W, c) for the node stage, then the (M, c) partial's wire copy
+            wire_bytes = w * cols * 4 + m * cols * torch.finfo(self.wire).bits // 8
         if grad_comm == "1bit":
-            wire_bytes = max(wire_bytes, w * max((onebit.grad_payload_bytes(b.shard) for b in buckets), default=0))
+            wire_bytes = max(wire_bytes, m * max((onebit.grad_payload_bytes(b.shard) for b in buckets), default=0))
         self._pair_bytes = wire_bytes
-        self._scratch_numel = 2 * max((onebit.scratch_numel(w, b.shard, self.cols) for b in buckets), default=0)
+        self._scratch_numel = 2 * max((onebit.scratch_numel(m, b.shard, self.cols) for b in buckets), default=0)
+        self._node_cols = cols
+        if self.hier and grad_comm == "1bit":  # the node stage of each compressed block
+            self._scratch_numel += 2 * w * cols
         #: the averaged float32 shard of every bucket, allocated at first use and reused
         self.shards: list[Tensor | None] = [None] * len(buckets)
         self._free: list[tuple[Tensor, Tensor]] = []
@@ -151,8 +163,11 @@ class GradientExchange:
     def _finish_oldest(self) -> None:
         finish, pair, bi = self._inflight.popleft()
         with naming(f"bucket {bi}"):
-            finish()
-        self._free.append(pair)
+            after = finish()
+        if after is not None:  # a two-level block's next stage, now on the wire: it keeps the pair
+            self._inflight.append((after, pair, bi))
+        else:
+            self._free.append(pair)
 
     def _onebit_scratch(self) -> Tensor:
         if self._scratch is None:
@@ -162,12 +177,13 @@ class GradientExchange:
     # ------------------------------------------------------------------ sending
     def _fill(self, bi: int, j0: int, j1: int, dst: Tensor, src: dict[int, tuple]) -> None:
         """``dst`` (``(W, j1 − j0)``, rows contiguous) ← columns ``[j0, j1)`` of bucket ``bi``'s
-        local gradients viewed as ``(W, S)``, unscaled; zeros for missing gradients and padding."""
+        local gradients viewed as ``(W, S)``, unscaled; zeros for missing gradients and padding.
+        Owner ``r``'s columns go to row ``self._row[r]`` (``r`` unless the exchange is two-level)."""
         b = self.layout.buckets[bi]
         offsets, slots = self._offsets[bi], b.slots
         for r in range(self.comm.world):
             lo, hi = r * b.shard + j0, r * b.shard + j1
-            row = dst[r]
+            row = dst[self._row[r]]
             i = max(0, bisect_right(offsets, lo) - 1)
             while i < len(slots) and slots[i].offset < hi:
                 s = slots[i]
@@ -200,6 +216,12 @@ class GradientExchange:
 
     def _send_blocks(self, bi: int, src: dict[int, tuple]) -> None:
         b, world, shard = self.layout.buckets[bi], self.comm.world, self._shard(bi)
+        if self.hier is not None:
+            if self.grad_comm == "1bit" and self.compressing():
+                self._send_hier_1bit(bi, src)
+            else:
+                self._send_hier(bi, src)
+            return
         if self.grad_comm == "1bit" and self.compressing():
             send_b, recv_b = pair = self._take()
             pb = onebit.grad_payload_bytes(b.shard)
@@ -231,6 +253,101 @@ class GradientExchange:
                     if world > 1:
                         out.div_(world)  # the only division by W
                 self._inflight.append((finish, pair, bi))
+
+    # ------------------------------------------------------------------ two levels
+    def _node_stage(self, bi: int, j0: int, j1: int, send: Tensor, recv: Tensor, src: dict[int, tuple]):
+        """Start the node stage of columns ``[j0, j1)``: ``send``/``recv`` float32 ``(W, c)``.
+        Returns a function that waits and gives the float32 ``(M, c)`` node sums (in ``send``) of
+        the shards of the M owners with this rank's local rank, in node order."""
+        h, c = self.hier, j1 - j0
+        self._fill(bi, j0, j1, send, src)
+        work = h.intra.all_to_all_start(recv, send)
+
+        def partial() -> Tensor:
+            work.wait()
+            out = send.view(-1)[: h.nodes * c]
+            sum_in_rank_order(recv.view(h.local, h.nodes * c), out=out)  # local-rank order, float32
+            return out.view(h.nodes, c)
+        return partial
+
+    def _send_hier(self, bi: int, src: dict[int, tuple]) -> None:
+        """Two-level fp32/bf16 exchange of bucket ``bi``, block after block. A block is in flight in
+        two stages (node, then across nodes), each its own entry of ``_inflight``, so that the
+        cross-node stages of consecutive blocks queue back to back on the slow link."""
+        b, h, shard = self.layout.buckets[bi], self.hier, self._shard(bi)
+        m, w = h.nodes, h.world
+        esize = torch.finfo(self.wire).bits // 8
+        for j0 in range(0, b.shard, self.cols):
+            j1 = min(b.shard, j0 + self.cols)
+            c = j1 - j0
+            send_b, recv_b = pair = self._take()
+            send = send_b.view(torch.float32)[: w * c].view(w, c)
+            recv = recv_b.view(torch.float32)[: w * c].view(w, c)
+            partial = self._node_stage(bi, j0, j1, send, recv, src)
+            out = shard[j0:j1]
+
+            def across(partial=partial, out=out, send_b=send_b, recv_b=recv_b, c=c):
+                p = partial()
+                if self.wire == torch.float32:
+                    wire = p
+                else:  # one rounding of the node's sum, after the node's exact float32 sum
+                    wire = send_b[w * c * 4 : w * c * 4 + m * c * esize].view(self.wire).view(m, c)
+                    wire.copy_(p)
+                summed = h.inter.reduce_scatter_into_start(out, wire, recv_b.view(self.wire)[: m * c].view(m, c))
+
+                def finish() -> None:
+                    summed()
+                    out.div_(w)  # the only division by W
+                return finish
+            self._inflight.append((across, pair, bi))
+
+    def _send_hier_1bit(self, bi: int, src: dict[int, tuple]) -> None:
+        """Two-level 1-bit exchange of bucket ``bi``: each block's node sums (float32, exact
+        inside the node) are compressed with error feedback for the M owners across nodes, and
+        sent in one inter all-to-all; the owner decodes and divides by W. The error buffer rows
+        used are those of the owners with this rank's local rank."""
+        b, h, shard = self.layout.buckets[bi], self.hier, self._shard(bi)
+        m, g, w = h.nodes, h.local, h.world
+        send_b, recv_b = pair = self._take()
+        pb = onebit.grad_payload_bytes(b.shard)
+        send = send_b[: m * pb].view(m, pb)
+        recv = recv_b[: m * pb].view(m, pb)
+        scratch = self._onebit_scratch()
+        nc = self._node_cols
+        codec = scratch[: scratch.numel() - 2 * w * nc]
+        node_send = scratch[codec.numel() : codec.numel() + w * nc]
+        node_recv = scratch[codec.numel() + w * nc :]
+
+        def fill(j0: int, j1: int, xc: Tensor) -> None:
+            c = j1 - j0
+            xc.copy_(self._node_stage(bi, j0, j1, node_send[: w * c].view(w, c), node_recv[: w * c].view(w, c),
+                                      src)())
+        err = self.grad_error[bi].view(m, g, b.shard)[:, h.local_rank, :]
+        valid = [max(0, min(b.shard, b.numel - (n * g + h.local_rank) * b.shard)) for n in range(m)]
+        onebit.compress_grad_stream_(fill, err, send, m, b.shard, valid, self.cols, codec)
+        work = h.inter.all_to_all_start(recv, send)
+
+        def finish() -> None:
+            work.wait()
+            onebit.decode_grad(recv, m, b.shard, out=shard, cols=self.cols, scratch=codec)
+            if g > 1:
+                shard.div_(g)  # decode averaged over the M nodes' sums
+        self._inflight.append((finish, pair, bi))
+
+    def set_mean_error(self, bi: int, mean: Tensor) -> None:
+        """Load the 1-bit error feedback of bucket ``bi`` from its mean over ranks (float32
+        ``[P]``, what checkpoints keep): every rank's buffer becomes ``mean`` for the flat exchange;
+        for the two-level one, the rows of the owners this rank compresses for become ``G·mean``
+        and the others zero, so that the node sums still owe the same total and the next mean is
+        the same ``mean``."""
+        err = self.grad_error[bi]
+        if self.hier is None:
+            err.copy_(mean)
+            return
+        h, shard = self.hier, self.layout.buckets[bi].shard
+        err.zero_()
+        mine = err.view(h.nodes, h.local, shard)[:, h.local_rank, :]
+        mine.copy_(mean.view(h.nodes, h.local, shard)[:, h.local_rank, :]).mul_(h.local)
 
     def sent_any(self) -> bool:
         """Whether some bucket has been sent since the last :meth:`reset`."""

@@ -20,7 +20,7 @@ same 1024-element sum).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -71,19 +71,31 @@ def _blocks(shard: int, cols: int):
         yield j0, min(shard, j0 + cols)
 
 
-def _valid_cols(world: int, shard: int, valid: int, j0: int, c: int):
+def _row_valid(world: int, shard: int, valid: int | Sequence[int]) -> list[int]:
+    """Per row, the elements that belong to parameters: ``valid`` counts them over the whole
+    ``(world, shard)`` view, or gives them row by row (rows that are not consecutive owners)."""
+    if isinstance(valid, int):
+        return [max(0, min(shard, valid - r * shard)) for r in range(world)]
+    if len(valid) != world:
+        raise ValueError(f"valid: one count per row expected ({world}), got {len(valid)}")
+    return list(valid)
+
+
+def _valid_cols(row_valid: list[int], j0: int, c: int):
     """Per row r, how many of columns [j0, j0 + c) belong to parameters (the rest is end padding)."""
-    return [max(0, min(c, valid - r * shard - j0)) for r in range(world)]
+    return [max(0, min(c, v - j0)) for v in row_valid]
 
 
 def compress_grad_stream_(fill: Callable[[int, int, Tensor], None], err: Tensor, out: Tensor, world: int,
-                          shard: int, valid: int, cols: int | None = None, scratch: Tensor | None = None) -> Tensor:
+                          shard: int, valid: int | Sequence[int], cols: int | None = None,
+                          scratch: Tensor | None = None) -> Tensor:
     """:func:`compress_grad_` reading the local gradient block by block from ``fill``.
 
     ``fill(j0, j1, xc)`` writes columns ``[j0, j1)`` of the local gradient bucket viewed as
     ``(world, shard)`` into ``xc`` (float32 ``(world, j1 − j0)``, rows contiguous). ``out`` is
     the uint8 ``[world, grad_payload_bytes(shard)]`` message table (returned), ``err`` as for
-    :func:`compress_grad_`. ``cols``: block width (a multiple of ``GRAD_CHUNK``; default
+    :func:`compress_grad_`, or a list of per-row counts (``err`` may then be a view whose rows
+    are not adjacent, as the two-level exchange's are). ``cols``: block width (a multiple of ``GRAD_CHUNK``; default
     :func:`block_columns`). ``scratch``: float32, at least ``2·scratch_numel(...)`` elements
     (allocated if None). The bits are those of :func:`compress_grad_`.
     """
@@ -96,7 +108,7 @@ def compress_grad_stream_(fill: Callable[[int, int, Tensor], None], err: Tensor,
         scratch = torch.empty(2 * width, dtype=torch.float32, device=err.device)
     ev = err.view(world, shard)
     dev = err.device
-    rows = torch.arange(world, device=dev)[:, None] * shard
+    row_valid = _row_valid(world, shard, valid)
     use_c = _c_codec(err)
     for j0, j1 in _blocks(shard, cols):
         c = j1 - j0
@@ -107,13 +119,13 @@ def compress_grad_stream_(fill: Callable[[int, int, Tensor], None], err: Tensor,
         xs = x[:, :c]
         fill(j0, j1, xs)
         if use_c:  # the same block in one pass (about 10x less time than the torch ops below)
-            cpu_step.onebit_compress_block_(xs, ev[:, j0:j1], _valid_cols(world, shard, valid, j0, c), out, j0 // 8,
+            cpu_step.onebit_compress_block_(xs, ev[:, j0:j1], _valid_cols(row_valid, j0, c), out, j0 // 8,
                                             nb + 4 * k0)
             continue
         if cp != c:
             x[:, c:].zero_()
         xs.add_(ev[:, j0:j1])
-        nvalid = _valid_cols(world, shard, valid, j0, c)
+        nvalid = _valid_cols(row_valid, j0, c)
         for r, nv in enumerate(nvalid):
             if nv < c:
                 xs[r, nv:].zero_()
@@ -121,9 +133,9 @@ def compress_grad_stream_(fill: Callable[[int, int, Tensor], None], err: Tensor,
         torch.abs(x, out=t)
         sums = t.view(world, k, GRAD_CHUNK).sum(dim=2)
         ks = torch.arange(k0, k0 + k, device=dev)
-        starts = rows + ks[None, :] * GRAD_CHUNK
         lengths = (shard - ks * GRAD_CHUNK).clamp(max=GRAD_CHUNK)[None, :]
-        counts = (valid - starts).clamp(min=0).minimum(lengths).float()
+        counts = (torch.tensor(row_valid, device=dev)[:, None] - ks[None, :] * GRAD_CHUNK).clamp(min=0) \
+            .minimum(lengths).float()
         scales = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
         # decoded = sign·scale (sign = +1 where x > 0, else −1); err ← x − decoded
         t.fill_(-1.0).masked_fill_(x > 0, 1.0)

@@ -53,6 +53,7 @@ from .matrix import MatrixStep
 from .partition import Layout
 from .sender import BackgroundSender
 from .signs import SignStep, exchange_packed
+from .topology import HierComm, check_node_numbering, resolve_ranks_per_node
 from .validation import (check_hyperparameters, check_momentum_dtype, check_param, check_params_unique,
                          check_same_options_everywhere)
 
@@ -68,7 +69,7 @@ class _ShardedOptimizer(Optimizer):
     def __init__(self, params, defaults: dict[str, Any], *, process_group, grad_comm: str, update_comm: str,
                  bucket_mb: float, momentum_dtype, fused, sync_params: bool, grad_comm_warmup: int = 10,
                  nonfinite: str = "skip", bf16_rounding: str = "stochastic", overlap_updates: bool = False,
-                 overlap_grads: bool | None = None):
+                 overlap_grads: bool | None = None, ranks_per_node: int | str | None = None):
         if not isinstance(overlap_updates, bool):
             raise TypeError(f"overlap_updates must be a bool, got {type(overlap_updates).__name__}")
         if overlap_grads is not None and not isinstance(overlap_grads, bool):
@@ -99,6 +100,8 @@ class _ShardedOptimizer(Optimizer):
             raise ValueError(f"params must all be on one device, got {sorted(map(str, devices))}")
         self._device = flat[0].device
         self._comm = Comm(process_group)
+        auto_nodes = ranks_per_node == "auto"
+        ranks_per_node = resolve_ranks_per_node(ranks_per_node, self._comm.world)
         self._backend = select_backend(fused, flat)
         kinds = [[(p, None if not p.requires_grad else "adamw" if algorithm_of(g, self._algorithm) == "adamw"
                    else "matrix" if self._leo and g["orthogonalize"] and p.ndim == 2
@@ -108,8 +111,13 @@ class _ShardedOptimizer(Optimizer):
             check_same_options_everywhere(self._comm, self._device, grad_comm=grad_comm, update_comm=update_comm,
                                           bucket_mb=bucket_mb, grad_comm_warmup=grad_comm_warmup,
                                           sync_params=sync_params, momentum_dtype=self._momentum_dtype,
-                                          overlap_grads=overlap_grads, overlap_updates=overlap_updates)
+                                          overlap_grads=overlap_grads, overlap_updates=overlap_updates,
+                                          ranks_per_node=ranks_per_node)
             replicas.check_same_layout(self._comm, self.param_groups, self._device)
+            if ranks_per_node is not None:  # the node levels' groups (collective, after the checks above)
+                if auto_nodes:
+                    check_node_numbering(self._comm, ranks_per_node, self._device)
+                self._comm = HierComm(process_group, ranks_per_node, self._comm.stats)
             if sync_params:
                 replicas.broadcast_params(self._comm, self._layout)
         self.overlap_grads = self._resolve_overlap_grads(overlap_grads)
@@ -502,6 +510,12 @@ class ShardedLion(_ShardedOptimizer):
             its own, so that the DDP hook returns at once and backward never waits for the wire
             (:mod:`leo_dist.sender`). None (default): on for CPU tensors with more than one rank;
             True on CUDA raises ``NotImplementedError``. Same bytes, same results bitwise.
+        ranks_per_node: None (default: the flat exchange, every pair of ranks alike) or the ranks
+            per node, G (an int dividing the world size, or "auto": torchrun's
+            ``LOCAL_WORLD_SIZE``), for the topology-aware exchange of :mod:`leo_dist.topology`:
+            gradients are summed at float32 inside each node and cross nodes once, as the node's
+            sums, in ``grad_comm``; update bits cross once per node. Ranks are numbered node by
+            node, as torchrun numbers them. Same momentum layout and checkpoints as the flat one.
 
     Parameters with ``requires_grad=False`` are not held (no state, never stepped); a parameter that
     no rank has a gradient for in a step is left untouched, as by the single-process optimizers; one
@@ -520,13 +534,14 @@ class ShardedLion(_ShardedOptimizer):
                  momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True,
                  grad_comm_warmup: int = 10, nonfinite: str = "skip",
                  bf16_rounding: str = "stochastic", overlap_updates: bool = False,
-                 overlap_grads: bool | None = None):
+                 overlap_grads: bool | None = None, ranks_per_node: int | str | None = None):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         weight_decay=weight_decay)
         super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm, update_comm="exact",
                          bucket_mb=bucket_mb, momentum_dtype=momentum_dtype, fused=fused, sync_params=sync_params,
                          grad_comm_warmup=grad_comm_warmup, nonfinite=nonfinite, bf16_rounding=bf16_rounding,
-                         overlap_updates=overlap_updates, overlap_grads=overlap_grads)
+                         overlap_updates=overlap_updates, overlap_grads=overlap_grads,
+                         ranks_per_node=ranks_per_node)
 
 
 class ShardedLeo(_ShardedOptimizer):
@@ -549,11 +564,11 @@ class ShardedLeo(_ShardedOptimizer):
                  momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True,
                  grad_comm_warmup: int = 10, nonfinite: str = "skip",
                  bf16_rounding: str = "stochastic", overlap_updates: bool = False,
-                 overlap_grads: bool | None = None):
+                 overlap_grads: bool | None = None, ranks_per_node: int | str | None = None):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         weight_decay=weight_decay, align_const=align_const, eps=eps, orthogonalize=orthogonalize)
         super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm,
                          update_comm=update_comm, bucket_mb=bucket_mb, momentum_dtype=momentum_dtype, fused=fused,
                          sync_params=sync_params, grad_comm_warmup=grad_comm_warmup, nonfinite=nonfinite,
                          bf16_rounding=bf16_rounding, overlap_updates=overlap_updates,
-                         overlap_grads=overlap_grads)
+                         overlap_grads=overlap_grads, ranks_per_node=ranks_per_node)

@@ -47,3 +47,43 @@ DEFAULT = ("ddp_adamw", "ddp_lion_fp16", "ddp_powersgd_lion", "leo_lion_fp32_ddp
 def get(names: str | None) -> list[configs.Config]:
     """Configurations by comma-separated name; None or 'all': ``DEFAULT``."""
     return configs.get(list(DEFAULT) if names in (None, "all") else names)
+
+
+# ------------------------------------------------------------------ topology-aware (issue 12)
+def cost_hierarchical(grad_bytes: float, leo: bool = False):
+    """Bytes per rank and level of the two-level exchange (leo_dist/topology.py) with G ranks per
+    node (torchrun's LOCAL_WORLD_SIZE, 2 on the testbed): float32 all-to-all inside the node,
+    the node's sums across nodes in the wire dtype, update bits across nodes once per node."""
+    def cost(shapes, world):
+        import math
+        g = int(os.environ.get("LOCAL_WORLD_SIZE", "2"))
+        g = g if world % g == 0 else 1
+        m = world // g
+        n = shapes.numel
+        n_mat = sum(math.prod(s) for s, mat in zip(shapes.shapes, shapes.leo_matrix) if mat) if leo else 0
+        upd = (n - n_mat) / 8 + 4 * n_mat  # bits, plus Leo's exact matrix updates at fp32
+        calls = configs._buckets(4 * n, configs.LEO_BUCKET_BYTES)
+        return [configs.Phase("all_to_all intra (fp32 grads)", (g - 1) / g * 4 * n, calls),
+                configs.Phase("reduce_scatter inter (node sums)", (m - 1) / m * n / g * grad_bytes, calls),
+                configs.Phase("all_gather inter (updates)", (m - 1) / world * upd, calls),
+                configs.Phase("all_gather intra (updates)", (g - 1) / g * upd, calls)]
+    return cost
+
+
+for _grad, _gb in (("fp32", 4), ("bf16", 2), ("1bit", 1 / 8 + 4 / 1024)):
+    _name = f"leo_lion_{_grad}_hier"
+    if _name not in configs.REGISTRY:
+        configs.register(configs.Config(
+            _name, f"ShardedLion, {_grad} grads, topology-aware (ranks_per_node='auto'), DDP hook", "lion",
+            "lion-1bit" if _grad == "1bit" else "lion",
+            configs._sharded("lion", _grad, True, ranks_per_node="auto"), cost_hierarchical(_gb),
+            lossy=_grad == "1bit", leo_dist=True, probe=configs._probe_sharded("lion", _grad, hook=True),
+            default=False))
+if "leo_leo_bf16_hier" not in configs.REGISTRY:
+    configs.register(configs.Config(
+        "leo_leo_bf16_hier", "ShardedLeo, bf16 grads, exact matrix updates, topology-aware", "leo", "leo",
+        configs._sharded("leo", "bf16", False, ranks_per_node="auto"), cost_hierarchical(2, leo=True),
+        leo_dist=True, probe=configs._probe_sharded("leo", "bf16"), default=False))
+
+HIERARCHICAL = ("leo_lion_fp32_hier", "leo_lion_bf16_hier", "leo_lion_1bit_hier", "leo_leo_bf16_hier")
+DEFAULT = DEFAULT + HIERARCHICAL
