@@ -163,11 +163,8 @@ class GradientExchange:
     def _finish_oldest(self) -> None:
         finish, pair, bi = self._inflight.popleft()
         with naming(f"bucket {bi}"):
-            after = finish()
-        if after is not None:  # a two-level block's next stage, now on the wire: it keeps the pair
-            self._inflight.append((after, pair, bi))
-        else:
-            self._free.append(pair)
+            finish()
+        self._free.append(pair)
 
     def _onebit_scratch(self) -> Tensor:
         if self._scratch is None:
@@ -255,25 +252,22 @@ class GradientExchange:
                 self._inflight.append((finish, pair, bi))
 
     # ------------------------------------------------------------------ two levels
-    def _node_stage(self, bi: int, j0: int, j1: int, send: Tensor, recv: Tensor, src: dict[int, tuple]):
-        """Start the node stage of columns ``[j0, j1)``: ``send``/``recv`` float32 ``(W, c)``.
-        Returns a function that waits and gives the float32 ``(M, c)`` node sums (in ``send``) of
-        the shards of the M owners with this rank's local rank, in node order."""
+    def _node_stage(self, bi: int, j0: int, j1: int, send: Tensor, recv: Tensor, src: dict[int, tuple]) -> Tensor:
+        """The node stage of columns ``[j0, j1)`` (``send``/``recv``: float32 ``(W, c)``), waited
+        for: the float32 ``(M, c)`` node sums (a view of ``send``) of the shards of the M owners
+        with this rank's local rank, in node order."""
         h, c = self.hier, j1 - j0
         self._fill(bi, j0, j1, send, src)
-        work = h.intra.all_to_all_start(recv, send)
-
-        def partial() -> Tensor:
-            work.wait()
-            out = send.view(-1)[: h.nodes * c]
-            sum_in_rank_order(recv.view(h.local, h.nodes * c), out=out)  # local-rank order, float32
-            return out.view(h.nodes, c)
-        return partial
+        h.intra.all_to_all_start(recv, send).wait()
+        out = send.view(-1)[: h.nodes * c]
+        sum_in_rank_order(recv.view(h.local, h.nodes * c), out=out)  # local-rank order, float32
+        return out.view(h.nodes, c)
 
     def _send_hier(self, bi: int, src: dict[int, tuple]) -> None:
-        """Two-level fp32/bf16 exchange of bucket ``bi``, block after block. A block is in flight in
-        two stages (node, then across nodes), each its own entry of ``_inflight``, so that the
-        cross-node stages of consecutive blocks queue back to back on the slow link."""
+        """Two-level fp32/bf16 exchange of bucket ``bi``, block after block. Each block's node stage
+        (fast link) is waited for at once, and its cross-node stage launched right after, so the
+        slow link never idles while a finished node stage waits for a free buffer; the cross-node
+        stages of consecutive blocks queue back to back on it."""
         b, h, shard = self.layout.buckets[bi], self.hier, self._shard(bi)
         m, w = h.nodes, h.world
         esize = torch.finfo(self.wire).bits // 8
@@ -283,23 +277,19 @@ class GradientExchange:
             send_b, recv_b = pair = self._take()
             send = send_b.view(torch.float32)[: w * c].view(w, c)
             recv = recv_b.view(torch.float32)[: w * c].view(w, c)
-            partial = self._node_stage(bi, j0, j1, send, recv, src)
+            p = self._node_stage(bi, j0, j1, send, recv, src)
+            if self.wire == torch.float32:
+                wire = p
+            else:  # one rounding of the node's sum, after the node's exact float32 sum
+                wire = send_b[w * c * 4 : w * c * 4 + m * c * esize].view(self.wire).view(m, c)
+                wire.copy_(p)
             out = shard[j0:j1]
+            summed = h.inter.reduce_scatter_into_start(out, wire, recv_b.view(self.wire)[: m * c].view(m, c))
 
-            def across(partial=partial, out=out, send_b=send_b, recv_b=recv_b, c=c):
-                p = partial()
-                if self.wire == torch.float32:
-                    wire = p
-                else:  # one rounding of the node's sum, after the node's exact float32 sum
-                    wire = send_b[w * c * 4 : w * c * 4 + m * c * esize].view(self.wire).view(m, c)
-                    wire.copy_(p)
-                summed = h.inter.reduce_scatter_into_start(out, wire, recv_b.view(self.wire)[: m * c].view(m, c))
-
-                def finish() -> None:
-                    summed()
-                    out.div_(w)  # the only division by W
-                return finish
-            self._inflight.append((across, pair, bi))
+            def finish(summed=summed, out=out) -> None:
+                summed()
+                out.div_(w)  # the only division by W
+            self._inflight.append((finish, pair, bi))
 
     def _send_hier_1bit(self, bi: int, src: dict[int, tuple]) -> None:
         """Two-level 1-bit exchange of bucket ``bi``: each block's node sums (float32, exact
@@ -320,8 +310,7 @@ class GradientExchange:
 
         def fill(j0: int, j1: int, xc: Tensor) -> None:
             c = j1 - j0
-            xc.copy_(self._node_stage(bi, j0, j1, node_send[: w * c].view(w, c), node_recv[: w * c].view(w, c),
-                                      src)())
+            xc.copy_(self._node_stage(bi, j0, j1, node_send[: w * c].view(w, c), node_recv[: w * c].view(w, c), src))
         err = self.grad_error[bi].view(m, g, b.shard)[:, h.local_rank, :]
         valid = [max(0, min(b.shard, b.numel - (n * g + h.local_rank) * b.shard)) for n in range(m)]
         onebit.compress_grad_stream_(fill, err, send, m, b.shard, valid, self.cols, codec)

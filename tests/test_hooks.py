@@ -73,17 +73,25 @@ def _oracle(kind, world, accum, clip):
     return params, norms
 
 
+HOOK_CASES = [("leo", 1, None), ("lion", 3, None), ("leo", 2, 0.7)]  # (kind, accumulation, clip)
+
+
+def _ddp_cases(rank, world, bucket_cap_mb):
+    return {case: _ddp_train(rank, world, *case, bucket_cap_mb) for case in HOOK_CASES}
+
+
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("kind,accum,clip", [("leo", 1, None), ("lion", 3, None), ("leo", 2, 0.7)])
-def test_ddp_hook_matches_oracle(world, kind, accum, clip):
-    out = run_ranks(_ddp_train, world, kind, accum, clip, 0.0002)
-    for r in range(1, world):
-        assert out[r][1] == out[0][1], "replicas diverged"
-    expected, norms = _oracle(kind, world, accum, clip)
-    for i, (got, want) in enumerate(zip(out[0][0], expected)):
-        assert rel_err(got, want.detach()) <= 2e-6, (i, rel_err(got, want.detach()))
-    for a, b in zip(out[0][2], norms):
-        assert abs(a - b) <= 1e-5 * b
+def test_ddp_hook_matches_oracle(world):
+    runs = run_ranks(_ddp_cases, world, 0.0002)  # every case in one spawn, a DDP model each
+    for kind, accum, clip in HOOK_CASES:
+        out = [r[(kind, accum, clip)] for r in runs]
+        for r in range(1, world):
+            assert out[r][1] == out[0][1], (kind, accum, clip, "replicas diverged")
+        expected, norms = _oracle(kind, world, accum, clip)
+        for i, (got, want) in enumerate(zip(out[0][0], expected)):
+            assert rel_err(got, want.detach()) <= 2e-6, (kind, accum, clip, i, rel_err(got, want.detach()))
+        for a, b in zip(out[0][2], norms):
+            assert abs(a - b) <= 1e-5 * b
 
 
 def _standalone(rank, world):
@@ -96,10 +104,12 @@ def _standalone(rank, world):
     return [p.detach().clone() for p in params]
 
 
+def _hooked_and_standalone(rank, world):
+    return _ddp_train(rank, world, "leo", 1, None, 25)[0], _standalone(rank, world)
+
+
 def test_ddp_hook_equals_standalone_bitwise():
-    world = 2
-    hooked = run_ranks(_ddp_train, world, "leo", 1, None, 25)[0][0]
-    alone = run_ranks(_standalone, world)[0]
+    hooked, alone = run_ranks(_hooked_and_standalone, 2)[0]
     for a, b in zip(hooked, alone):
         assert torch.equal(a, b)
 

@@ -83,6 +83,11 @@ def _run(rank, world, kind, overlap, hook, steps=4, opt_kw=None):
     return losses, [p.detach().clone() for p in model.parameters()], params_hash(model.parameters()), ok, stale
 
 
+def _pair(rank, world, kind, hook, ref, got):
+    """Two runs in one spawn: ``ref`` and ``got`` are each ``(overlap_updates, optimizer keywords)``."""
+    return _run(rank, world, kind, ref[0], hook, 4, ref[1]), _run(rank, world, kind, got[0], hook, 4, got[1])
+
+
 CASES = [(1, "lion", False, "fp32"), (2, "lion", True, "fp32"), (2, "leo", False, "bf16"),
          (3, "leo-1bit", True, "fp32"), (4, "lion", True, "1bit")]
 
@@ -91,8 +96,8 @@ CASES = [(1, "lion", False, "fp32"), (2, "lion", True, "fp32"), (2, "leo", False
                          ids=[f"w{w}-{k}-{'hook' if h else 'standalone'}-{g}" for w, k, h, g in CASES])
 def test_overlapped_updates_equal_the_synchronous_ones(world, kind, hook, grad_comm):
     kw = dict(grad_comm=grad_comm, grad_comm_warmup=1)
-    ref = run_ranks(_run, world, kind, False, hook, 4, kw)
-    got = run_ranks(_run, world, kind, True, hook, 4, kw)
+    runs = run_ranks(_pair, world, kind, hook, (False, kw), (True, kw))
+    ref, got = [r[0] for r in runs], [r[1] for r in runs]
     for r in range(world):
         assert got[r][3] and ref[r][3], "replicas differ"
         assert got[r][0] == ref[r][0], f"rank {r}: a forward saw other parameter values with overlap"
@@ -113,8 +118,9 @@ def test_background_gradient_exchange_equals_the_in_hook_one(world, kind, hook, 
     # overlap_grads (leo_dist.sender: the exchange sent from a background thread on a group of
     # its own) changes when bytes leave, never which: losses and parameters bitwise equal
     kw = dict(grad_comm=grad_comm, grad_comm_warmup=1)
-    ref = run_ranks(_run, world, kind, overlap, hook, 4, dict(kw, overlap_grads=False))
-    got = run_ranks(_run, world, kind, overlap, hook, 4, dict(kw, overlap_grads=True))
+    runs = run_ranks(_pair, world, kind, hook, (overlap, dict(kw, overlap_grads=False)),
+                     (overlap, dict(kw, overlap_grads=True)))
+    ref, got = [r[0] for r in runs], [r[1] for r in runs]
     for r in range(world):
         assert got[r][3] and ref[r][3], "replicas differ"
         assert got[r][0] == ref[r][0] and got[r][2] == ref[r][2], f"rank {r} differs with the background sender"

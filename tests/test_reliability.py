@@ -200,13 +200,17 @@ def _count_syncs(rank, world, kind, bucket_mb):
     return per_step, len(opt.layout.buckets)
 
 
-@pytest.mark.parametrize("kind", ["lion", "leo", "leo-1bit"])
-def test_host_syncs_per_step_do_not_grow_with_buckets(kind):
-    few = run_ranks(_count_syncs, 2, kind, 25)[0]
-    many = run_ranks(_count_syncs, 2, kind, 1e-4)[0]
-    assert many[1] >= 3 * few[1]
-    # the verdict (non-finite, absent parameters) and the zero flags of all sign buckets: two in all
-    assert max(many[0]) <= 2 and max(few[0]) <= 2, (few, many)
+def _count_syncs_all(rank, world):
+    return {(kind, mb): _count_syncs(rank, world, kind, mb) for kind in ("lion", "leo", "leo-1bit") for mb in (25, 1e-4)}
+
+
+def test_host_syncs_per_step_do_not_grow_with_buckets():
+    out = run_ranks(_count_syncs_all, 2)[0]  # every rule and both bucket sizes in one spawn
+    for kind in ("lion", "leo", "leo-1bit"):
+        few, many = out[(kind, 25)], out[(kind, 1e-4)]
+        assert many[1] >= 3 * few[1], kind
+        # the verdict (non-finite, absent parameters) and the zero flags of all sign buckets: two in all
+        assert max(many[0]) <= 2 and max(few[0]) <= 2, (kind, few, many)
 
 
 def _bf16_run(rank, world, rounding):
@@ -224,9 +228,13 @@ def _bf16_run(rank, world, rounding):
     return hashes, moved, drift
 
 
+def _bf16_runs(rank, world):
+    return _bf16_run(rank, world, "stochastic"), _bf16_run(rank, world, "nearest")
+
+
 def test_bf16_stochastic_rounding_lands_small_steps_and_keeps_replicas_equal():
-    sto = run_ranks(_bf16_run, 2, "stochastic")
-    near = run_ranks(_bf16_run, 2, "nearest")
+    runs = run_ranks(_bf16_runs, 2)
+    sto, near = [r[0] for r in runs], [r[1] for r in runs]
     assert sto[0][0] == sto[1][0], "stochastic rounding differed across ranks"
     # 10 steps of 1e-4 on weights near 0.1 (ulp 4.9e-4): nearest never moves them, stochastic does,
     # by about the true distance on average (10·1e-4 each, when the signs agree)
@@ -256,15 +264,21 @@ def _leo_bf16_run(rank, world, rounding, update_comm):
     return params_hash([p16]), float((d16 * d32).sum() / (d32 * d32).sum())
 
 
-@pytest.mark.parametrize("update_comm", ["exact", "1bit"])
-def test_bf16_stochastic_rounding_of_leo_matrices(update_comm):
+def _leo_bf16_runs(rank, world):
+    return {(r, u): _leo_bf16_run(rank, world, r, u) for r in ("stochastic", "nearest") for u in ("exact", "1bit")}
+
+
+def test_bf16_stochastic_rounding_of_leo_matrices():
     """Leo's matrix updates (lr·|u| ≈ 2e-5, a twentieth of a bf16 ulp near 0.1) land on average with
-    stochastic rounding and never with nearest; replicas stay bitwise equal with rows split at W=3."""
-    sto = run_ranks(_leo_bf16_run, 3, "stochastic", update_comm)
-    near = run_ranks(_leo_bf16_run, 3, "nearest", update_comm)
-    assert sto[0][0] == sto[1][0] == sto[2][0], "stochastic rounding differed across ranks"
-    assert near[0][1] == 0.0
-    assert 0.8 < sto[0][1] < 1.2, sto[0][1]
+    stochastic rounding and never with nearest; replicas stay bitwise equal with rows split at W=3.
+    Both update_comm modes and both roundings in one spawn."""
+    runs = run_ranks(_leo_bf16_runs, 3)
+    for update_comm in ("exact", "1bit"):
+        sto = [r[("stochastic", update_comm)] for r in runs]
+        near = [r[("nearest", update_comm)] for r in runs]
+        assert sto[0][0] == sto[1][0] == sto[2][0], (update_comm, "stochastic rounding differed across ranks")
+        assert near[0][1] == 0.0, update_comm
+        assert 0.8 < sto[0][1] < 1.2, (update_comm, sto[0][1])
 
 
 def test_stochastic_rounding_of_pieces_equals_rounding_at_once():

@@ -30,37 +30,50 @@ def _train(rank, world, kind, steps, dyadic, bucket_mb, grad_comm, dtype=torch.f
                 stats=opt.comm_stats(), replicas=opt.verify_replicas())
 
 
+CASES = [(kind, bucket_mb) for kind in ("lion", "leo") for bucket_mb in (1e-4, 25)]
+
+
+def _train_cases(rank, world, steps, dyadic, grad_comm):
+    return {case: _train(rank, world, case[0], steps, dyadic, case[1], grad_comm) for case in CASES}
+
+
 # bucket_mb=1e-4 (~26 fp32 elements) makes many small buckets: boundaries everywhere, empty shards.
+# Both rules and both bucket sizes run in one spawn of the ranks.
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-@pytest.mark.parametrize("kind", ["lion", "leo"])
-@pytest.mark.parametrize("bucket_mb", [1e-4, 25])
-def test_parity_with_oracle(world, kind, bucket_mb):
+def test_parity_with_oracle(world):
     dyadic = True
-    out = run_ranks(_train, world, kind, STEPS, dyadic, bucket_mb, "fp32")
-    expected, _ = oracle_run(kind, world, STEPS, dyadic)
-    # Replicas bitwise identical after every step.
-    for r in range(1, world):
-        assert out[r]["hashes"] == out[0]["hashes"], f"rank {r} diverged"
-    assert all(o["replicas"] for o in out)
-    params = out[0]["params"]
-    for i, (got, want) in enumerate(zip(params, expected)):
-        matrix = kind == "leo" and i < len(SHAPES) // 2 and got.ndim == 2
-        if matrix:
-            assert rel_err(got, want) <= 2e-6, (i, rel_err(got, want))
-        else:
-            # sign paths with dyadic gradients: the same bytes as the oracle
-            assert torch.equal(got, want), (i, rel_err(got, want))
+    runs = run_ranks(_train_cases, world, STEPS, dyadic, "fp32")
+    for kind, bucket_mb in CASES:
+        out = [r[(kind, bucket_mb)] for r in runs]
+        expected, _ = oracle_run(kind, world, STEPS, dyadic)
+        # Replicas bitwise identical after every step.
+        for r in range(1, world):
+            assert out[r]["hashes"] == out[0]["hashes"], f"{kind} {bucket_mb}: rank {r} diverged"
+        assert all(o["replicas"] for o in out)
+        params = out[0]["params"]
+        for i, (got, want) in enumerate(zip(params, expected)):
+            matrix = kind == "leo" and i < len(SHAPES) // 2 and got.ndim == 2
+            if matrix:
+                assert rel_err(got, want) <= 2e-6, (kind, bucket_mb, i, rel_err(got, want))
+            else:
+                # sign paths with dyadic gradients: the same bytes as the oracle
+                assert torch.equal(got, want), (kind, bucket_mb, i, rel_err(got, want))
+
+
+def _train_kinds(rank, world, steps, dyadic, bucket_mb, grad_comm):
+    return {kind: _train(rank, world, kind, steps, dyadic, bucket_mb, grad_comm) for kind in ("lion", "leo")}
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("kind", ["lion", "leo"])
-def test_parity_random_gradients_bf16_wire(world, kind):
-    out = run_ranks(_train, world, kind, STEPS, False, 1e-4, "bf16")
-    expected, _ = oracle_run(kind, world, STEPS, False, wire=torch.bfloat16)
-    for r in range(1, world):
-        assert out[r]["hashes"] == out[0]["hashes"]
-    for got, want in zip(out[0]["params"], expected):
-        assert rel_err(got, want) <= 2e-6
+def test_parity_random_gradients_bf16_wire(world):
+    runs = run_ranks(_train_kinds, world, STEPS, False, 1e-4, "bf16")
+    for kind in ("lion", "leo"):
+        out = [r[kind] for r in runs]
+        expected, _ = oracle_run(kind, world, STEPS, False, wire=torch.bfloat16)
+        for r in range(1, world):
+            assert out[r]["hashes"] == out[0]["hashes"], kind
+        for got, want in zip(out[0]["params"], expected):
+            assert rel_err(got, want) <= 2e-6, kind
 
 
 def test_memory_and_bytes_accounting():
@@ -113,6 +126,14 @@ def test_exact_zero_gets_no_sign_step(world):
         assert gathers == 2
 
 
+def _save_both(rank, world, steps):
+    return {kind: _save(rank, world, kind, steps) for kind in ("lion", "leo")}
+
+
+def _resume_both(rank, world, saved, start, steps, first_world):
+    return {kind: _resume(rank, world, kind, *saved[kind], start, steps, first_world) for kind in saved}
+
+
 def _save(rank, world, kind, steps):
     params = make_params()
     cls = leo_dist.ShardedLeo if kind == "leo" else leo_dist.ShardedLion
@@ -141,17 +162,22 @@ def _resume(rank, world, kind, sd, start_params, start, steps, first_world):
     return [p.detach().clone() for p in params]
 
 
-@pytest.mark.parametrize("kind", ["lion", "leo"])
-def test_checkpoint_reshards(kind):
+def test_checkpoint_reshards():
     half, steps = 6, 12
+    saved = run_ranks(_save_both, 4, half)[0]  # both rules in each spawn
+    resumed = {world: run_ranks(_resume_both, world, saved, half, steps, 4)[0] for world in (2, 3)}
+    for kind in ("lion", "leo"):
+        _check_resharded(kind, saved[kind], {w: r[kind] for w, r in resumed.items()}, half, steps)
+
+
+def _check_resharded(kind, saved, resumed, half, steps):
     expected, _ = oracle_run(kind, 4, steps, True)
-    sd, mid = run_ranks(_save, 4, kind, half)[0]
+    sd, mid = saved
     for exp_avg in (e["exp_avg"] for e in sd["state"].values()):
         assert exp_avg.dtype == torch.float32
-    for world in (2, 3):
-        got = run_ranks(_resume, world, kind, sd, mid, half, steps, 4)[0]
+    for world, got in resumed.items():
         for g, w in zip(got, expected):
-            assert rel_err(g, w) <= 2e-6
+            assert rel_err(g, w) <= 2e-6, (kind, world)
     # into the single-process optimizer
     params = [q.clone().requires_grad_() for q in mid]
     cls = leo_dist.Leo if kind == "leo" else leo_dist.Lion
@@ -278,24 +304,27 @@ def test_mixed_dtypes_get_separate_buckets_and_match_oracle():
             assert rel_err(got, want.detach()) <= 2e-6
 
 
-def _native_reduce_scatter(rank, world, kind, wire):
+def _native_reduce_scatter(rank, world):
     import os
     os.environ["LEO_DIST_REDUCE_SCATTER"] = "native"  # NCCL's branch: reduce_scatter_tensor (gloo has it)
-    out = _train(rank, world, kind, STEPS, False, 1e-4, wire)
-    return out["params"], out["hashes"], out["stats"]["last_step"]
+    out = {}
+    for kind in ("lion", "leo"):
+        for wire in ("fp32", "bf16"):
+            run = _train(rank, world, kind, STEPS, False, 1e-4, wire)
+            out[(kind, wire)] = run["params"], run["hashes"], run["stats"]["last_step"]
+    return out
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("kind", ["lion", "leo"])
-@pytest.mark.parametrize("wire", ["fp32", "bf16"])
-def test_nccl_branch_forced_on_gloo_matches_oracle(world, kind, wire):
-    out = run_ranks(_native_reduce_scatter, world, kind, wire)
-    for r in range(1, world):
-        assert out[r][1] == out[0][1]
-    # fp32: reduce_scatter_tensor; bf16: still an all-to-all with a float32 sum (one rounding, at
-    # the sender), so the bf16 branch is the same on NCCL and gloo
-    rs = out[0][2]["reduce_scatter"]
-    assert rs["bytes_out"] * (world if wire == "fp32" else 1) == rs["bytes_in"], rs  # which branch ran
-    expected, _ = oracle_run(kind, world, STEPS, False, wire=torch.bfloat16 if wire == "bf16" else torch.float32)
-    for got, want in zip(out[0][0], expected):
-        assert rel_err(got, want) <= 2e-6
+def test_nccl_branch_forced_on_gloo_matches_oracle(world):
+    runs = run_ranks(_native_reduce_scatter, world)  # both rules and both wire dtypes in one spawn
+    for (kind, wire), first in runs[0].items():
+        for r in range(1, world):
+            assert runs[r][(kind, wire)][1] == first[1], (kind, wire)
+        # fp32: reduce_scatter_tensor; bf16: still an all-to-all with a float32 sum (one rounding, at
+        # the sender), so the bf16 branch is the same on NCCL and gloo
+        rs = first[2]["reduce_scatter"]
+        assert rs["bytes_out"] * (world if wire == "fp32" else 1) == rs["bytes_in"], (kind, wire, rs)  # the branch
+        expected, _ = oracle_run(kind, world, STEPS, False, wire=torch.bfloat16 if wire == "bf16" else torch.float32)
+        for got, want in zip(first[0], expected):
+            assert rel_err(got, want) <= 2e-6, (kind, wire)

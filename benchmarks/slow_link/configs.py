@@ -346,8 +346,8 @@ register(Config("leo_leo_bf16_1bit", "ShardedLeo, bf16 grads, 1-bit matrix updat
 # (overlap_grads=False: backward waits whenever the exchange's buffer pool is full, as before the
 # background sender), and with the update all-gathers left to the next forward (overlap_updates).
 # Same arithmetic as their standalone twins, bitwise.
-for _grad, _c in (("bf16", cost_leo_lion_bf16), ("1bit", cost_leo_1bit_grads)):
-    _update = "lion" if _grad == "bf16" else "lion-1bit"
+for _grad, _c in (("fp32", cost_leo_lion_fp32), ("bf16", cost_leo_lion_bf16), ("1bit", cost_leo_1bit_grads)):
+    _update = "lion-1bit" if _grad == "1bit" else "lion"
     _twin = f"leo_lion_{_grad}"
     if _grad == "1bit":
         register(Config("leo_lion_1bit_ddp", "ShardedLion, 1-bit grads, DDP hook", "lion", _update,
@@ -367,3 +367,7 @@ for _grad, _c in (("bf16", cost_leo_lion_bf16), ("1bit", cost_leo_1bit_grads)):
         register(Config(f"leo_lion_{_grad}_ddp_b{_mb}", f"ShardedLion, {_grad} grads, DDP hook, {_mb} MB buckets",
                         "lion", _update, _sharded("lion", _grad, True, bucket_mb=_mb), _c, lossy=_grad == "1bit",
                         leo_dist=True, probe=_probe_sharded("lion", _grad, hook=True), twin=_twin, default=False))
+# ShardedLeo (exact matrix updates) with the same overlap: "every mode" of issue 16's W=2 target.
+register(Config("leo_leo_bf16_ddp_overlap_b2", "ShardedLeo, bf16 grads, DDP hook, overlap_updates, 2 MB buckets",
+                "leo", "leo", _sharded("leo", "bf16", True, overlap_updates=True, bucket_mb=2), cost_leo_leo_bf16,
+                leo_dist=True, probe=_probe_sharded("leo", "bf16", hook=True), twin="leo_leo_bf16", default=False))

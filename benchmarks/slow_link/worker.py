@@ -155,14 +155,18 @@ def main() -> None:
                     delta = netns.read_counters() - before
                     if rate and not args.no_shape:
                         netns.unshape()
-                    stats = opt.comm_stats()["last_step"]["sum"] if hasattr(opt, "comm_stats") else None
+                    last = opt.comm_stats()["last_step"] if hasattr(opt, "comm_stats") else None
+                    stats = last and last["sum"]
+                    # the topology-aware exchange books its cross-node collectives as "<kind>:inter"
+                    inter = last and sum(v["sent"] for k, v in last.items() if k.endswith(":inter"))
                     record["windows"].append(dict(rate_bps=rate, steps=k, first_step=step - k, step_s=times,
                                                   forward_s=[ph[0] for ph in phases],
                                                   backward_s=[ph[1] for ph in phases],
                                                   opt_step_s=[ph[2] for ph in phases],
                                                   tx_bytes=delta.tx_bytes, tx_packets=delta.tx_packets,
                                                   tcp_retrans=delta.tcp_retrans, qdisc_drops=delta.qdisc_drops,
-                                                  library_sent_per_rank=stats and stats["sent"]))
+                                                  library_sent_per_rank=stats and stats["sent"],
+                                                  library_inter_sent_per_rank=inter or None))
                     med = [statistics.median(ph[i] for ph in phases) for i in range(3)]
                     print(f"[{cfg.name} W={world}] {netns.format_rate(rate) if rate else 'unshaped'}: median step "
                           f"{statistics.median(times):.3f}s (fwd {med[0]:.3f} bwd {med[1]:.3f} step {med[2]:.3f}), "

@@ -85,5 +85,17 @@ if "leo_leo_bf16_hier" not in configs.REGISTRY:
         configs._sharded("leo", "bf16", False, ranks_per_node="auto"), cost_hierarchical(2, leo=True),
         leo_dist=True, probe=configs._probe_sharded("leo", "bf16"), default=False))
 
+# ... with issue 16's overlap (background gradient exchange, update all-gathers behind the next
+# forward, 2 MiB buckets as prepare() picks for this model); flat twin: leo_lion_<grad>_ddp_overlap_b2
+for _grad, _gb in (("bf16", 2), ("1bit", 1 / 8 + 4 / 1024)):
+    _name = f"leo_lion_{_grad}_hier_overlap_b2"
+    if _name not in configs.REGISTRY:
+        configs.register(configs.Config(
+            _name, f"ShardedLion, {_grad} grads, topology-aware, DDP hook, overlap_updates, 2 MB buckets", "lion",
+            "lion-1bit" if _grad == "1bit" else "lion",
+            configs._sharded("lion", _grad, True, ranks_per_node="auto", overlap_updates=True, bucket_mb=2),
+            cost_hierarchical(_gb), lossy=_grad == "1bit", leo_dist=True,
+            probe=configs._probe_sharded("lion", _grad, hook=True), default=False))
+
 HIERARCHICAL = ("leo_lion_fp32_hier", "leo_lion_bf16_hier", "leo_lion_1bit_hier", "leo_leo_bf16_hier")
 DEFAULT = DEFAULT + HIERARCHICAL
