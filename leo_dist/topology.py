@@ -65,8 +65,8 @@ class _Staged:
     """The work handle of a two-level all-gather: ``wait()`` finishes the inter stage, runs the
     intra stage and writes ``out`` in rank order (idempotent)."""
 
-    def __init__(self, comm: "HierComm", out: Tensor, mid: Tensor, work: Any, count: bool):
-        self.comm, self.out, self.mid, self.work, self.count = comm, out, mid, work, count
+    def __init__(self, comm: "HierComm", out: Tensor, mid: Tensor, work: Any):
+        self.comm, self.out, self.mid, self.work = comm, out, mid, work
 
     def wait(self, *args) -> bool:
         if self.work is None:
@@ -76,7 +76,7 @@ class _Staged:
         c = self.comm
         k = self.mid.numel() // c.nodes
         full = torch.empty(c.world * k, dtype=self.mid.dtype, device=self.mid.device)
-        c.intra.all_gather_start(full, self.mid, count=self.count).wait()
+        c.intra.all_gather(full, self.mid)
         # full is (local rank, node, k); rank order is (node, local rank, k)
         self.out.view(c.nodes, c.local, k).copy_(full.view(c.local, c.nodes, k).transpose(0, 1))
         self.mid = None
@@ -142,7 +142,7 @@ class HierComm(Comm):
         if self.nodes == 1:
             return self.intra.all_gather_start(out, inp)
         mid = torch.empty(self.nodes * inp.numel(), dtype=inp.dtype, device=inp.device)
-        return _Staged(self, out, mid, self.inter.all_gather_start(mid, inp), True)
+        return _Staged(self, out, mid, self.inter.all_gather_start(mid, inp))
 
     def all_gather(self, out: Tensor, inp: Tensor) -> None:
         self.all_gather_start(out, inp).wait()
