@@ -243,3 +243,27 @@ def _bad(rank, world):
 def test_bad_ranks_per_node_raise():
     errors = run_ranks(_bad, 2)[0]
     assert len(errors) == 5 and all("ranks_per_node" in e for e in errors), errors
+
+
+def _one_node_bf16(rank, world):
+    params = make_params()
+    opt = leo_dist.ShardedLion(groups_for(params, "lion"), bucket_mb=1e-4, grad_comm="bf16", ranks_per_node=world)
+    for step in range(STEPS):
+        for p in params:
+            p.grad = local_grad(step, rank, p.shape, False)  # random: bf16 rounding would show
+        opt.step()
+    opt.consolidate_state_dict(to=0)
+    sd = opt.state_dict() if rank == 0 else None
+    return [p.detach().clone() for p in params], sd and [sd["state"][i]["exp_avg"] for i in range(len(params))]
+
+
+def test_one_node_rounds_nothing():
+    """ranks_per_node = W (one node): nothing crosses nodes, so grad_comm="bf16" rounds nothing:
+    parameters and momentum are the fp32 oracle's, bitwise (a bf16 rounding shows in the momentum)."""
+    got, momentum = run_ranks(_one_node_bf16, 2)[0]
+    expected, oracle = oracle_run("lion", 2, STEPS, False)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b), rel_err(a, b)
+    held = [p for g in oracle.param_groups for p in g["params"]]  # state_dict's numbering
+    for m, p in zip(momentum, held):
+        assert torch.equal(m, oracle.state[p]["exp_avg"]), rel_err(m, oracle.state[p]["exp_avg"])
