@@ -181,19 +181,27 @@ class Comm:
         on the two groups never pair with each other, whichever thread issues them."""
         if not self.distributed:
             return Comm(self.group, stats=self.stats, label=self.label, solo=self.group is None)
-        group = self.subgroup(dist.get_process_group_ranks(self.group), use_local_synchronization=True)
+        group = self.subgroup(dist.get_process_group_ranks(self.group))
         twin = Comm(group, stats=self.stats, label=self.label)
         twin.native_reduce_scatter = self.native_reduce_scatter
         return twin
 
-    def subgroup(self, ranks: list[int], use_local_synchronization: bool = False) -> dist.ProcessGroup:
-        """``dist.new_group(ranks)`` (global ranks) with this group's backend and timeout."""
+    def subgroup(self, ranks: list[int]) -> dist.ProcessGroup:
+        """``dist.new_group(ranks)`` (global ranks) with this group's backend and timeout;
+        collective over this group's ranks, which must all call it in the same order.
+
+        When this group is the whole world, torch names the new group by its creation count, the
+        same on every rank. Only for a proper subgroup (whose outsiders never call this) does it
+        use ``use_local_synchronization``, whose names hash the ranks and the number of groups
+        alive in the process: that number depends on when each rank's garbage collector freed
+        an earlier optimizer's groups, and a mismatch once made a rank connect to a dead group's
+        address ("Connection closed by peer")."""
         options = getattr(self.group._get_backend(torch.device("cpu")), "options", None) \
             if self.backend == "gloo" else None
         # torch exposes a group's timeout only on its backend's options (the default otherwise)
         timeout = getattr(options, "_timeout", None)
-        return dist.new_group(ranks, timeout=timeout, backend=self.backend,
-                              use_local_synchronization=use_local_synchronization)
+        proper = self.world != dist.get_world_size()
+        return dist.new_group(ranks, timeout=timeout, backend=self.backend, use_local_synchronization=proper)
 
     def _count(self, kind: str, t_in: Tensor, t_out: Tensor, sent: float, received: float) -> None:
         self.stats.add(f"{kind}:{self.label}" if self.label else kind, t_in.numel() * t_in.element_size(),

@@ -93,17 +93,13 @@ class HierComm(Comm):
     and ``inter`` (:class:`Comm` objects; a world of one where a level has a single rank).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None, ranks_per_node: int, stats: CommStats | None = None,
-                 _levels: tuple[Comm, Comm] | None = None):
+    def __init__(self, group: dist.ProcessGroup | None, ranks_per_node: int, stats: CommStats | None = None):
         super().__init__(group, stats)
         g = ranks_per_node
         if self.world % g:
             raise ValueError(f"ranks_per_node must divide the world size {self.world}, got {g}")
         self.local, self.nodes = g, self.world // g
         self.node, self.local_rank = divmod(self.rank, g)
-        if _levels is not None:
-            self.intra, self.inter = _levels
-            return
         if not self.distributed:
             self.intra = Comm(None, self.stats, "intra", solo=True)
             self.inter = Comm(None, self.stats, "inter", solo=True)
@@ -125,7 +121,7 @@ class HierComm(Comm):
     def duplicate(self) -> "HierComm":
         """:meth:`Comm.duplicate` of the group and of both levels (collective)."""
         flat = super().duplicate()
-        twin = HierComm(flat.group, self.local, self.stats, _levels=(self.intra.duplicate(), self.inter.duplicate()))
+        twin = HierComm(flat.group, self.local, self.stats)  # new levels, every rank creating every group
         twin.native_reduce_scatter = self.native_reduce_scatter
         return twin
 
