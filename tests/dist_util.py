@@ -67,3 +67,11 @@ def oracle_run(kind: str, world: int, steps: int, dyadic: bool, shapes=SHAPES, w
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def bucket_grad(bucket, step: int, rank: int, dyadic: bool) -> torch.Tensor:
+    """Rank ``rank``'s local gradient at ``step`` laid out as ``bucket`` (float32 ``[padded]``, zero padding)."""
+    flat = torch.zeros(bucket.padded)
+    for s in bucket.slots:
+        flat[s.offset : s.offset + s.numel] = local_grad(step, rank, s.param.shape, dyadic).reshape(-1)
+    return flat

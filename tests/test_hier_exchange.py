@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import leo_dist
 from conftest import run_ranks
-from dist_util import SHAPES, groups_for, local_grad, make_params, oracle_run, params_hash, rel_err
+from dist_util import SHAPES, bucket_grad, groups_for, local_grad, make_params, oracle_run, params_hash, rel_err
 from leo_dist import onebit
 from leo_dist.partition import Layout
 
@@ -124,12 +124,7 @@ def _emulated_1bit(world, g, steps):
     for step in range(steps):
         avg = [torch.zeros(p.numel()) for p in params]
         for bi, b in enumerate(layout):
-            locals_ = []
-            for r in range(world):
-                flat = torch.zeros(b.padded)
-                for s in b.slots:
-                    flat[s.offset : s.offset + s.numel] = local_grad(step, r, s.param.shape, True).reshape(-1)
-                locals_.append(flat.view(world, b.shard))
+            locals_ = [bucket_grad(b, step, r, True).view(world, b.shard) for r in range(world)]
             shard_avg = torch.zeros(world, b.shard)
             for l in range(g):
                 owners = [n * g + l for n in range(m)]

@@ -6,7 +6,7 @@ import torch
 
 import leo_dist
 from conftest import run_ranks
-from dist_util import SHAPES, groups_for, local_grad, make_params, params_hash, rel_err
+from dist_util import SHAPES, bucket_grad, groups_for, local_grad, make_params, params_hash, rel_err
 from leo_dist import onebit
 from leo_dist.partition import build_buckets
 
@@ -92,12 +92,7 @@ def _simulated_1bit_grads(world):
     for step in range(STEPS):
         grads = {}
         for bi, b in enumerate(buckets):
-            flats = []
-            for r in range(world):
-                flat = torch.zeros(b.padded)
-                for s in b.slots:
-                    flat[s.offset : s.offset + s.numel] = local_grad(step, r, s.param.shape, False).reshape(-1)
-                flats.append(flat)
+            flats = [bucket_grad(b, step, r, False) for r in range(world)]
             if step < WARMUP:
                 avg = sum(flats[1:], flats[0].clone()) / world if world > 1 else flats[0]
             else:
