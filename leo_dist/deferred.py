@@ -30,13 +30,29 @@ Contract:
   evaluation that reads weights without calling the module) sees the old value: call
   ``opt.synchronize()`` first.
 
+Streamed steps (docs/overlap.md, "Streamed steps"): with the DDP hook, the background sender,
+``grad_comm`` fp32 or bf16, no GradScaler and sign buckets only (Lion; Leo with
+``orthogonalize=False``), ``step()`` goes further. It takes the non-finite verdict on every
+rank's *local* gradients (one all-reduce of two floats), hands the rest of the step to the sender
+and returns: the buckets not yet sent go in forward order, each is stepped as soon as its shard
+is complete and its all-gather starts at once, and :meth:`DeferredUpdates.publish` makes it
+available to the pre-hooks, which wait for it. The contract above holds unchanged, plus:
+
+* a local gradient element of magnitude ``float32 max / (2·W)`` or more counts as non-finite (a
+  sum of W of them could overflow the average, which nothing checks any more);
+* a forward post-hook on the model waits until the step has read every gradient it sends
+  (DDP's buckets, rewritten by the next backward); ``zero_grad(set_to_none=False)`` waits too;
+* ``comm_stats()`` waits for the step to end (its bytes are booked by then), applying nothing;
+* an error on the sender (a peer died) is raised by every later wait, naming the sender.
+
 Memory: the gathered bits of every deferred bucket are alive until applied, ``W·N/8`` bytes at
 most (``W/32`` of the fp32 parameters' bytes, per rank) — the price of having them all in
 flight; without overlap, three buckets' worth.
 """
 from __future__ import annotations
 
-from typing import Any
+import threading
+from typing import Any, Iterable
 
 import torch.nn as nn
 
@@ -57,6 +73,12 @@ class DeferredUpdates:
         self._handles: list[Any] = []
         #: bucket index -> launch rank: the order the forward will want them (see :meth:`register`)
         self._rank: dict[int, int] = {}
+        # a streamed step (docs/overlap.md, "Streamed steps") publishes its buckets from the sender thread
+        self._cond = threading.Condition()
+        self._expected: set[int] = set()
+        self._filled = True   # every gradient of the streamed step has been read (sent)
+        self._done = True     # the streamed step's program has ended
+        self._error: BaseException | None = None
 
     @property
     def registered(self) -> bool:
@@ -78,23 +100,79 @@ class DeferredUpdates:
             if buckets:
                 self._handles.append(module.register_forward_pre_hook(
                     lambda _m, _args, buckets=buckets: self.complete(buckets)))
+        # A streamed step reads DDP's gradient buckets after step() returns; the next backward
+        # rewrites them. The forward of the modules that use a bucket waits for it anyway; this
+        # covers the buckets of modules the forward skipped (usually a wait for nothing).
+        self._handles.append(model.register_forward_hook(lambda *_: self.wait_filled()))
+
+    def forward_rank(self, bi: int) -> tuple[int, int]:
+        """Sort key of bucket ``bi`` in the order the forward needs it (the same on every rank)."""
+        return self._rank.get(bi, len(self._rank)), bi
 
     def launch(self, comm: Comm, packed: list[Packed]) -> None:
         """Start every packed bucket's all-gathers (collective), in the order the next forward
         needs them; applied later."""
-        packed = sorted(packed, key=lambda p: (self._rank.get(p.index, len(self._rank)), p.index))
+        packed = sorted(packed, key=lambda p: self.forward_rank(p.index))
         for flight in start_packed(comm, packed):
             self._pending[flight.packed.index] = flight
 
+    # --------------------------------------------------------------- streamed steps
+    def expect(self, buckets: Iterable[int]) -> None:
+        """A streamed step will :meth:`publish` each of ``buckets`` from another thread."""
+        with self._cond:
+            self._expected = set(buckets)
+            self._filled = self._done = False
+            self._error = None
+
+    def publish(self, bi: int, flight: InFlight) -> None:
+        with self._cond:
+            self._pending[bi] = flight
+            self._expected.discard(bi)
+            self._cond.notify_all()
+
+    def filled(self) -> None:
+        """Every gradient of the streamed step has been read: the next backward may overwrite them."""
+        with self._cond:
+            self._filled = True
+            self._cond.notify_all()
+
+    def end(self, error: BaseException | None) -> None:
+        """The streamed step's program ended (``error``: it failed; every waiter raises)."""
+        with self._cond:
+            self._filled = self._done = True
+            self._error = error
+            self._cond.notify_all()
+
+    def wait_filled(self) -> None:
+        """Until the streamed step in progress (if any) has read every gradient it sends."""
+        self._await(lambda: self._filled)
+
+    def wait_done(self) -> None:
+        """Until the streamed step in progress (if any) has ended; applies nothing."""
+        self._await(lambda: self._done)
+
+    def _await(self, ready) -> None:
+        with self._cond:
+            while not ready() and self._error is None:
+                self._cond.wait()
+            if self._error is not None:  # some bucket was never applied: replicas may differ
+                raise RuntimeError("leo_dist: the streamed step failed on the background sender "
+                                   f"({type(self._error).__name__}: {self._error})") from self._error
+
+    # --------------------------------------------------------------- applying
     def complete(self, buckets: list[int]) -> None:
         for bi in buckets:
-            flight = self._pending.pop(bi, None)
+            if bi in self._expected:
+                self._await(lambda: bi not in self._expected)
+            with self._cond:
+                flight = self._pending.pop(bi, None)
             if flight is not None:
                 flight.finish()
 
     def complete_all(self) -> None:
+        self._await(lambda: self._done)
         # in bucket order, the same on every rank (the waits issue no collectives either way)
         self.complete(sorted(self._pending))
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + (not self._done)

@@ -113,18 +113,32 @@ class GradientExchange:
         self._free: list[tuple[Tensor, Tensor]] = []
         self._pairs = 0
         self._scratch: Tensor | None = None
-        self._inflight: deque[tuple[Callable[[], None], tuple[Tensor, Tensor]]] = deque()
+        self._inflight: deque[tuple[Callable[[], None], tuple[Tensor, Tensor], int]] = deque()
+        #: streamed steps (:meth:`stream`): stage() sends only buckets with an index below this;
+        #: the others wait for :meth:`stream` or :meth:`collect`. None: every bucket once complete.
+        self.launch_limit: int | None = None
+        self._generation = 0
+        self._n = len(buckets)
+        self._sent = [False] * self._n
+        self._src = [{} for _ in range(self._n)]
         self.reset()
 
     def reset(self) -> None:
-        """Forget which gradients arrived this step (waiting for anything still in flight)."""
-        if self.sender is not None:
-            self.sender.drain()
-        while self._inflight:
-            self._finish_oldest()
-        n = len(self.layout.buckets)
-        self._src: list[dict[int, tuple]] = [{} for _ in range(n)]
-        self._sent = [False] * n
+        """Forget which gradients arrived this step (waiting for anything sent this step). A step
+        handed to :meth:`stream` is not waited for: it ran, and owns the buffers until it ends."""
+        if any(self._sent) or any(self._src):
+            if self.sender is not None:
+                self.sender.drain()
+            while self._inflight:
+                self._finish_oldest()
+        self._forget()
+
+    def _forget(self) -> None:
+        self._src: list[dict[int, tuple]] = [{} for _ in range(self._n)]
+        self._sent = [False] * self._n
+        self._sources: dict[int, dict[int, tuple]] = {}  # the sent buckets' staged gradients
+        self._head_done = 0
+        self._generation += 1
 
     def owns(self, param: Tensor) -> bool:
         return id(param) in self.layout.where
@@ -141,7 +155,7 @@ class GradientExchange:
             raise RuntimeError("a gradient arrived for a bucket already sent this step: call step() after "
                                "each backward, or accumulate under ddp_model.no_sync()")
         self._src[bi][id(slot)] = (None if grad is None else grad.reshape(-1), inv_scale)
-        if len(self._src[bi]) == len(b.slots):
+        if len(self._src[bi]) == len(b.slots) and (self.launch_limit is None or bi < self.launch_limit):
             self._launch(bi)
 
     # ------------------------------------------------------------------ buffers
@@ -165,6 +179,11 @@ class GradientExchange:
         with naming(f"bucket {bi}"):
             finish()
         self._free.append(pair)
+
+    def _finish_bucket(self, bi: int) -> None:
+        """Finish every block in flight up to bucket ``bi``'s last one (oldest first)."""
+        while any(entry[2] == bi for entry in self._inflight):
+            self._finish_oldest()
 
     def _onebit_scratch(self) -> Tensor:
         if self._scratch is None:
@@ -202,10 +221,17 @@ class GradientExchange:
     def _launch(self, bi: int) -> None:
         self._sent[bi] = True
         src, self._src[bi] = self._src[bi], {}
+        self._sources[bi] = src
         if self.sender is None:
             self._send(bi, src)
         else:
-            self.sender.submit(lambda: self._send(bi, src))
+            generation = self._generation
+
+            def job() -> None:
+                self._send(bi, src)
+                if generation == self._generation:
+                    self._head_done += 1
+            self.sender.submit(job)
 
     def _send(self, bi: int, src: dict[int, tuple]) -> None:
         with naming(f"bucket {bi}"):
@@ -338,6 +364,75 @@ class GradientExchange:
         mine = err.view(h.nodes, h.local, shard)[:, h.local_rank, :]
         mine.copy_(mean.view(h.nodes, h.local, shard)[:, h.local_rank, :]).mul_(h.local)
 
+    # ------------------------------------------------------------------ streamed steps
+    def streamable(self) -> bool:
+        """Whether this step can be :meth:`stream`-ed: a launch limit is set, every bucket is
+        complete, and only those below the limit are sent (no :meth:`collect` ran)."""
+        lim = self.launch_limit
+        return (self.sender is not None and lim is not None
+                and all(self._sent[bi] == (bi < lim) for bi in range(self._n))
+                and all(len(self._src[bi]) == len(self.layout.buckets[bi].slots) for bi in range(lim, self._n)))
+
+    def head_done(self) -> int:
+        """Buckets the sender has finished launching this step (read from the main thread)."""
+        return self._head_done
+
+    def staged_overflow(self, bound: float) -> Tensor:
+        """A float32 0-d tensor: 1 if some staged local gradient of this step (sent or not) has an
+        element whose magnitude is not below ``bound`` (inf and NaN included), else 0. One read
+        of the gradients in blocks, no host sync."""
+        flag = torch.zeros((), dtype=torch.float32, device=self.device)
+        for src in [*self._sources.values(), *self._src]:
+            for g, _ in src.values():
+                if g is None or g.numel() == 0:
+                    continue
+                for i in range(0, g.numel(), CHUNK_ELEMS):
+                    # NaN compares False, so NaN counts as an overflow
+                    flag = torch.maximum(flag, (~(g[i : i + CHUNK_ELEMS].abs().amax() < bound)).float())
+        return flag
+
+    def stream(self, order: list[int], then: list[int], pack: Callable[[int], object],
+               publish: Callable[[object], None], filled: Callable[[], None],
+               end: Callable[[BaseException | None], None]) -> None:
+        """Hand this step to the sender as one program (collective; the same lists on every rank).
+
+        It sends the unsent buckets ``order`` one after the other. Once a bucket's shard is
+        complete (after the next bucket's blocks are launched, so the wire never waits for it),
+        ``pack(bi)`` steps it and may start collectives on :attr:`comm`, returning a handle;
+        ``publish(handle)`` runs one bucket later (so those collectives travel behind the next
+        blocks rather than stall the sender) and may start more. Then the last bucket and those
+        of ``then`` (sent before, all complete) are packed and published. ``filled()`` runs once
+        every gradient has been read, ``end(error)`` last. Every collective of the program is
+        issued by the sender, in this order, so ranks agree whatever each thread's timing."""
+        srcs = {bi: self._src[bi] for bi in order}
+        for bi in order:
+            self._sent[bi] = True
+
+        def program() -> None:
+            try:
+                prev, pending = None, []
+                for bi in order:
+                    self._send(bi, srcs.pop(bi))
+                    for handle in pending:
+                        publish(handle)
+                    pending = []
+                    if prev is not None:
+                        self._finish_bucket(prev)
+                        pending.append(pack(prev))
+                    prev = bi
+                filled()
+                while self._inflight:
+                    self._finish_oldest()
+                pending += [pack(bi) for bi in ([] if prev is None else [prev]) + then]
+                for handle in pending:
+                    publish(handle)
+            except BaseException as e:
+                end(e)
+                raise
+            end(None)
+        self.sender.submit(program)
+        self._forget()
+
     def sent_any(self) -> bool:
         """Whether some bucket has been sent since the last :meth:`reset`."""
         return any(self._sent)
@@ -353,6 +448,8 @@ class GradientExchange:
                         if s.param.grad is not None:
                             check_grad(s.param)
                         self.stage(s.param, s.param.grad, inv_scale)
+                if not self._sent[bi]:  # complete, held back by launch_limit
+                    self._launch(bi)
         if self.sender is not None:
             self.sender.drain()
         while self._inflight:

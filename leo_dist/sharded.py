@@ -52,7 +52,7 @@ from .groups import resolve_group
 from .matrix import MatrixStep
 from .partition import Layout
 from .sender import BackgroundSender
-from .signs import SignStep, exchange_packed
+from .signs import InFlight, SignStep, exchange_packed
 from .topology import HierComm, check_node_numbering, resolve_ranks_per_node
 from .validation import (check_hyperparameters, check_momentum_dtype, check_param, check_params_unique,
                          check_same_options_everywhere)
@@ -136,6 +136,14 @@ class _ShardedOptimizer(Optimizer):
         self._adamw = AdamWStep(self._layout, self._comm, self._device)
         self._deferred = DeferredUpdates(self._layout) if overlap_updates else None
         self.overlap_updates = overlap_updates
+        #: streamed steps (docs/overlap.md, "Streamed steps") once the DDP hook is attached without a GradScaler
+        self._streamable = (overlap_updates and self._sender is not None and grad_comm in ("fp32", "bf16")
+                            and bool(self._layout.buckets) and self._layout.kind_buckets("sign")
+                            == list(range(len(self._layout.buckets))))
+        self._streaming = False
+        self._streamed_steps = 0
+        # a local gradient element at or above this could overflow float32 when W of them are summed
+        self._overflow_bound = torch.finfo(torch.float32).max / (2 * self._comm.world)
         self._init_state()
         self._hook_scaler: Any = None
         self._hook_attached = False
@@ -196,6 +204,9 @@ class _ShardedOptimizer(Optimizer):
         (unscaled by it when ``grad_scaler`` is given). Returns the exchange the hook stages into."""
         self._hook_attached = True
         self._hook_scaler = grad_scaler
+        if self._streamable and grad_scaler is None:
+            self._streaming = True
+            self._exchange.launch_limit = len(self._layout.buckets)
         if self._guard is not None:
             self._guard.disarm()
         return self._exchange
@@ -239,27 +250,19 @@ class _ShardedOptimizer(Optimizer):
         misuse.check_grad_edits(self, unscaled=scaling and inv_scale is None)
         if scaling:
             self._check_scaling(inv_scale)
+        if self._streaming and not scaling and self._exchange.streamable():
+            return self._stream_step(loss)
         present = self._present()
         with self._phase("gradient reduce-scatter"):
             shards = self._exchange.collect(None if self._hook_attached else inv_scale)
         with self._phase("non-finite check (all-reduce)"):
             bad, absent = self._verdict(shards, present, found_inf)
         if bad:
-            self._end_step(completed=False)
-            if scaling:  # GradScaler's overflow skip: expected, and scaler.update() backs off
-                return loss
-            self.skipped_steps += 1
-            if self.nonfinite == "raise":
-                raise FloatingPointError(
-                    f"{type(self).__name__}.step(): an averaged gradient is inf or NaN on some rank; nothing "
-                    "was changed (parameters, momentum and error buffers are as before this step)")
-            if self.skipped_steps == 1:
-                warnings.warn(f"{type(self).__name__}: an averaged gradient is inf or NaN; the step is skipped "
-                              "on every rank (counted in opt.skipped_steps; nonfinite='raise' raises instead)",
-                              RuntimeWarning, stacklevel=2)
-            return loss
+            return self._skip(loss, scaling)
         kept = self._save_untouched(absent)
-        groups = self.param_groups
+        # the hyperparameters of this step, as step() sees them: a deferred update is applied
+        # after step() returns, when a scheduler may already have changed group["lr"]
+        groups = [dict(g) for g in self.param_groups]
         with self._phase("Leo matrix norms / update all-gather"):
             packed = self._matrices.step(groups, shards, self._momentum, self._steps_done)
         with self._phase("AdamW parameter all-gather"):
@@ -274,6 +277,88 @@ class _ShardedOptimizer(Optimizer):
                 exchange_packed(self._comm, packed)
         self._restore_untouched(kept)
         self._end_step(completed=True)
+        return loss
+
+    def _skip(self, loss, scaling: bool):
+        """End a step whose averaged gradients (or, under GradScaler, some rank's) are not finite."""
+        self._end_step(completed=False)
+        if scaling:  # GradScaler's overflow skip: expected, and scaler.update() backs off
+            return loss
+        self.skipped_steps += 1
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"{type(self).__name__}.step(): an averaged gradient is inf or NaN on some rank; nothing "
+                "was changed (parameters, momentum and error buffers are as before this step)")
+        if self.skipped_steps == 1:
+            warnings.warn(f"{type(self).__name__}: an averaged gradient is inf or NaN; the step is skipped "
+                          "on every rank (counted in opt.skipped_steps; nonfinite='raise' raises instead)",
+                          RuntimeWarning, stacklevel=3)
+        return loss
+
+    def _stream_step(self, loss):
+        """The streamed step (docs/overlap.md, "Streamed steps"): decide, hand the rest to the sender, return."""
+        ex, n = self._exchange, len(self._layout.buckets)
+        flags = torch.stack([ex.staged_overflow(self._overflow_bound),
+                             torch.tensor(-float(ex.head_done()), device=self._device)])
+        with self._phase("non-finite check (all-reduce)"):
+            self._comm.all_reduce(flags, dist.ReduceOp.MAX)
+        bad, least = flags.tolist()  # the step's one host sync
+        limit = ex.launch_limit
+        if bad > 0:
+            with self._phase("gradient reduce-scatter"):
+                ex.collect()
+            return self._skip(loss, scaling=False)
+        groups = [dict(g) for g in self.param_groups]  # this step's hyperparameters (see step())
+        step = self._steps_done
+        key = self._deferred.forward_rank
+
+        hier = isinstance(ex.comm, HierComm)
+        staged: list[InFlight] = []  # two-level all-gathers: their intra stage runs one bucket later
+
+        def pack(bi: int):
+            b = self._layout.buckets[bi]
+            packed = self._signs.pack(b, groups[b.group_index], ex.shards[bi], self._momentum[bi], bi, step)
+            flag = packed.has_zero.reshape(1).float()  # exact zeros somewhere: their bitmaps travel too
+            return packed, flag, ex.comm.all_reduce_start(flag, dist.ReduceOp.MAX)
+
+        def flush() -> None:
+            while staged:
+                flight = staged.pop(0)
+                flight.wait()  # the intra stage is a collective: issued by the sender, in order
+                self._deferred.publish(flight.packed.index, flight)
+
+        def publish(handle) -> None:
+            packed, flag, work = handle
+            work.wait()
+            flush()
+            flight = InFlight(ex.comm, packed, bool(flag.item() > 0))
+            if hier:
+                staged.append(flight)
+            else:
+                self._deferred.publish(packed.index, flight)
+
+        def end(error: BaseException | None) -> None:
+            if error is None:
+                try:
+                    flush()
+                except BaseException as e:  # noqa: BLE001 - reported to the waiters, raised by the sender
+                    error = e
+                else:
+                    self._comm.stats.end_step()
+            self._deferred.end(error)
+            if error is not None:
+                raise error
+
+        self._deferred.expect(range(n))
+        ex.stream(sorted(range(limit, n), key=key), sorted(range(limit), key=key), pack, publish,
+                  self._deferred.filled, end)
+        # the next step sends during backward what the wire carried before this step() began, plus
+        # two: the wire must not idle while the verdict's round trip runs (a forward that waits a
+        # little longer for its first bucket costs less, since the wire is the bound)
+        ex.launch_limit = min(n, int(-least) + 2)
+        self._steps_done += 1
+        self._streamed_steps += 1
+        self._consolidated = None
         return loss
 
     @contextmanager
@@ -362,6 +447,10 @@ class _ShardedOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim.Optimizer.zero_grad``, and discard gradients already exchanged for a
         step that will not run (a skipped step must not leak into the next one)."""
+        if not set_to_none and self._deferred is not None:
+            # a streamed step may still be reading DDP's buckets, which are .grad under
+            # gradient_as_bucket_view=True: zeroing them in place must wait for it
+            self._deferred.wait_filled()
         self._exchange.reset()
         super().zero_grad(set_to_none=set_to_none)
 
@@ -412,8 +501,10 @@ class _ShardedOptimizer(Optimizer):
         Each kind reports ``calls``, ``bytes_in``/``bytes_out`` (sizes of the tensors given to and
         returned by the collectives) and ``sent``/``received`` (what this rank moves under the
         ideal algorithm; see :mod:`leo_dist.collectives`). ``last_step`` covers the exchange and
-        update of the last completed :meth:`step`.
+        update of the last completed :meth:`step` (a streamed one is waited for, not applied).
         """
+        if self._deferred is not None:
+            self._deferred.wait_done()
         return self._comm.stats.report()
 
     @property
@@ -505,7 +596,10 @@ class ShardedLion(_ShardedOptimizer):
             apply each bucket in the next forward, before the first module that uses it (default
             False). Needs the model: ``hooks.attach`` registers it, or ``opt.register_model(model)``.
             Raw reads of parameters in between see old values; ``opt.synchronize()`` completes
-            them. Contract and memory: :mod:`leo_dist.deferred`.
+            them. With the DDP hook, the background sender, fp32/bf16 gradients and sign buckets
+            only, the step is *streamed*: it returns before the gradient exchange ends, and each
+            bucket is stepped and sent as soon as its shard is complete, in forward order.
+            Contract and memory: :mod:`leo_dist.deferred`.
         overlap_grads: send the gradient exchange from a background thread on a process group of
             its own, so that the DDP hook returns at once and backward never waits for the wire
             (:mod:`leo_dist.sender`). None (default): on for CPU tensors with more than one rank;

@@ -277,6 +277,9 @@ def _sharded(kind: str, grad_comm: str, ddp_hook: bool, update_comm: str = "exac
     """``options``: more keywords of the optimizer (``overlap_grads``, ``overlap_updates``);
     ``bucket_mb``: DDP's ``bucket_cap_mb`` and the optimizer's ``bucket_mb`` (default 25 for both)."""
     bucket_bytes = LEO_BUCKET_BYTES if bucket_mb is None else bucket_mb * 2**20
+    # stream=False: the deferred path of overlap_updates without streamed steps (an A/B of
+    # docs/overlap.md, "Streamed steps"; no public switch, the streamed step is what overlap allows)
+    stream = options.pop("stream", True)
 
     def build(model, world, hyper):
         import leo_dist
@@ -288,6 +291,8 @@ def _sharded(kind: str, grad_comm: str, ddp_hook: bool, update_comm: str = "exac
             opt = leo_dist.ShardedLeo(leo_dist.leo_param_groups(model, hyper["weight_decay"]), grad_comm=grad_comm,
                                       update_comm=update_comm, bucket_mb=bucket_bytes / 2**20,
                                       lr=hyper["lr"], betas=hyper["betas"], **options)
+        if not stream:
+            opt._streamable = False
         if not ddp_hook:
             return model, opt
         import leo_dist.hooks
@@ -367,6 +372,11 @@ for _grad, _c in (("fp32", cost_leo_lion_fp32), ("bf16", cost_leo_lion_bf16), ("
         register(Config(f"leo_lion_{_grad}_ddp_b{_mb}", f"ShardedLion, {_grad} grads, DDP hook, {_mb} MB buckets",
                         "lion", _update, _sharded("lion", _grad, True, bucket_mb=_mb), _c, lossy=_grad == "1bit",
                         leo_dist=True, probe=_probe_sharded("lion", _grad, hook=True), twin=_twin, default=False))
+    register(Config(f"leo_lion_{_grad}_ddp_overlap_b2_nostream",
+                    f"ShardedLion, {_grad} grads, DDP hook, overlap_updates, 2 MB buckets, step not streamed",
+                    "lion", _update, _sharded("lion", _grad, True, overlap_updates=True, bucket_mb=2, stream=False),
+                    _c, lossy=_grad == "1bit", leo_dist=True, probe=_probe_sharded("lion", _grad, hook=True),
+                    twin=_twin, default=False))
 # ShardedLeo (exact matrix updates) with the same overlap: "every mode" of issue 16's W=2 target.
 register(Config("leo_leo_bf16_ddp_overlap_b2", "ShardedLeo, bf16 grads, DDP hook, overlap_updates, 2 MB buckets",
                 "leo", "leo", _sharded("leo", "bf16", True, overlap_updates=True, bucket_mb=2), cost_leo_leo_bf16,

@@ -96,6 +96,14 @@ for _grad, _gb in (("bf16", 2), ("1bit", 1 / 8 + 4 / 1024)):
             configs._sharded("lion", _grad, True, ranks_per_node="auto", overlap_updates=True, bucket_mb=2),
             cost_hierarchical(_gb), lossy=_grad == "1bit", leo_dist=True,
             probe=configs._probe_sharded("lion", _grad, hook=True), default=False))
+# the same without streamed steps (an A/B of docs/overlap.md, "Streamed steps")
+if "leo_lion_bf16_hier_overlap_b2_nostream" not in configs.REGISTRY:
+    configs.register(configs.Config(
+        "leo_lion_bf16_hier_overlap_b2_nostream", "ShardedLion, bf16 grads, topology-aware, DDP hook, "
+        "overlap_updates, 2 MB buckets, step not streamed", "lion", "lion",
+        configs._sharded("lion", "bf16", True, ranks_per_node="auto", overlap_updates=True, bucket_mb=2,
+                         stream=False),
+        cost_hierarchical(2), leo_dist=True, probe=configs._probe_sharded("lion", "bf16", hook=True), default=False))
 
 HIERARCHICAL = ("leo_lion_fp32_hier", "leo_lion_bf16_hier", "leo_lion_1bit_hier", "leo_leo_bf16_hier")
 DEFAULT = DEFAULT + HIERARCHICAL
