@@ -136,6 +136,11 @@ def main() -> None:
                 k = min(k, args.steps - step + 1)
                 if k <= 0:
                     break
+                # a streamed step (overlap_updates) is still sending after step() returns: every
+                # window starts and ends with no step in flight, so its counters hold whole steps
+                finish = getattr(opt, "synchronize", None)
+                if finish is not None:
+                    finish()
                 dist.barrier()
                 if rank == 0:
                     if rate and not args.no_shape:
@@ -150,6 +155,8 @@ def main() -> None:
                     times.append(now - t_prev)
                     t_prev = now
                     step += 1
+                if finish is not None:
+                    finish()
                 dist.barrier()
                 if rank == 0:
                     delta = netns.read_counters() - before
