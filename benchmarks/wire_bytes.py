@@ -24,8 +24,10 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks", "slow_link"))
 from netns import Namespace, read_counters  # noqa: E402  (the slow-link harness's namespace helpers)
-# <optimizer>_<grad_comm>[_u1bit]: u1bit sends Leo's matrix updates as row-scaled signs
-MODES = ("ddp", "lion_fp32", "lion_bf16", "lion_1bit", "leo_fp32", "leo_bf16", "leo_fp32_u1bit", "leo_1bit_u1bit")
+# <optimizer>_<grad_comm>[_u1bit|_ubf16]: u1bit sends Leo's matrix updates as row-scaled signs, ubf16
+# rounded to bfloat16
+MODES = ("ddp", "lion_fp32", "lion_bf16", "lion_1bit", "leo_fp32", "leo_bf16", "leo_fp32_u1bit", "leo_1bit_u1bit",
+         "leo_bf16_ubf16", "leo_bf16_u1bit")
 
 
 def lo_tx_bytes() -> int:
@@ -69,7 +71,7 @@ def probe_worker(rank: int, world: int, mode: str, model: str, steps: int, port:
                 opt = leo_dist.ShardedLion(net.parameters(), grad_comm=wire, grad_comm_warmup=0)
             else:
                 opt = leo_dist.ShardedLeo(leo_dist.leo_param_groups(net), grad_comm=wire, grad_comm_warmup=0,
-                                          update_comm="1bit" if rest == ["u1bit"] else "exact")
+                                          update_comm={"u1bit": "1bit", "ubf16": "bf16"}.get("".join(rest), "exact"))
 
         def one_step():
             opt.zero_grad()

@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-comm-warmup", type=_int_at_least(0), default=None, metavar="STEPS",
                    help="with --grad-comm 1bit: steps that still send uncompressed gradients first "
                         "(default: the optimizer's)")
-    g.add_argument("--update-comm", choices=("exact", "1bit"), default="exact",
-                   help="sharded_leo only: how Leo's 2-D updates travel: exact (parameter dtype) or 1bit "
-                        "(signs + scales with error feedback) (default: exact)")
+    g.add_argument("--update-comm", choices=("exact", "bf16", "1bit"), default="exact",
+                   help="sharded_leo only: how Leo's 2-D updates travel: exact (parameter dtype), bf16 "
+                        "(rounded to bfloat16) or 1bit (signs + scales with error feedback) (default: exact)")
     g.add_argument("--ranks-per-node", default=None, metavar="G|auto",
                    help="sharded optimizers only: the topology-aware exchange with G ranks per node ('auto': "
                         "torchrun's LOCAL_WORLD_SIZE); gradients cross nodes once, as each node's sums "

@@ -44,18 +44,21 @@ class ExactGather:
         """:meth:`send_all` of one bucket."""
         self.send_all([(b, shard, apply, label)])
 
-    def send_all(self, items: list[tuple[Bucket, Tensor, Callable[[Slot, int, int, Tensor], None], str]]) -> None:
+    def send_all(self, items: list[tuple[Bucket, Tensor, Callable[[Slot, int, int, Tensor], None], str]],
+                 wire: torch.dtype | None = None) -> None:
         """All-gather, for each ``(b, shard, apply, label)``, this rank's ``shard`` (float32 ``[b.shard]``)
-        of bucket ``b`` in ``b.dtype``, block after block, block ``k+1`` on the wire while block
+        of bucket ``b`` in ``b.dtype`` (``wire``, when given, for float32 buckets: their values
+        rounded to nearest, ``S·wire_size`` bytes in), block after block, block ``k+1`` on the wire while block
         ``k`` is handed out (two buffers of ``W·cols`` elements at 4 bytes each).
 
-        For every received piece calls ``apply(slot, lo, hi, values)``: ``values`` (``b.dtype``,
+        For every received piece calls ``apply(slot, lo, hi, values)``: ``values`` (the wire dtype,
         ``hi − lo`` elements, a view of a reused buffer valid only during the call) are the
         gathered elements ``[lo, hi)`` of ``slot``'s flat parameter. Every rank receives the same
         bytes, so an ``apply`` that is a function of them keeps replicas bitwise identical.
         ``label`` (e.g. "bucket 3") names the bucket in a failing collective's error.
         """
         world, comm, cols = self.comm.world, self.comm, self.cols
+        dtype_of = lambda b: wire if wire is not None and b.dtype == torch.float32 else b.dtype  # noqa: E731
         blocks = [(b, shard, apply, label, j0, min(b.shard, j0 + cols))
                   for b, shard, apply, label in items for j0 in range(0, b.shard, cols)]
         if not blocks:
@@ -63,15 +66,16 @@ class ExactGather:
         if self._buf is None:
             self._buf = torch.empty(2, world * min(cols, self.max_shard) * 4, dtype=torch.uint8, device=self.device)
         for b, *_ in items:
-            esize = torch.finfo(b.dtype).bits // 8
+            esize = torch.finfo(dtype_of(b)).bits // 8
             if comm.distributed:
                 moved = (world - 1) * b.shard * esize
                 comm.book("all_gather", b.shard * esize, world * b.shard * esize, moved, moved)
 
         def start(k: int):
             b, shard, _, label, j0, j1 = blocks[k]
-            full = self._buf[k % 2].view(b.dtype)[: world * (j1 - j0)].view(world, j1 - j0)
-            mine = shard[j0:j1].to(b.dtype)  # a copy only when the parameters are not float32
+            dtype = dtype_of(b)
+            full = self._buf[k % 2].view(dtype)[: world * (j1 - j0)].view(world, j1 - j0)
+            mine = shard[j0:j1].to(dtype)  # a copy only when the wire is not float32
             with naming(label):
                 return full, mine, comm.all_gather_start(full.view(-1), mine, count=False)
 

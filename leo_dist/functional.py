@@ -205,11 +205,14 @@ def leo_update(
     align_const: float,
     eps: float,
     orthogonalize: bool = True,
+    update_dtype: torch.dtype | None = None,
 ) -> None:
     """One Leo step over lists of tensors. ``params`` and ``exp_avgs`` are modified in place.
 
     With ``orthogonalize`` true, every ``ndim == 2`` parameter takes the 2-D rule; all other
-    parameters (and all of them when it is false) take ``align_const·sign(c)``.
+    parameters (and all of them when it is false) take ``align_const·sign(c)``. ``update_dtype``
+    (e.g. ``torch.bfloat16``): the 2-D update of a float32 parameter is rounded to it (to nearest)
+    before it is applied, as ``ShardedLeo(update_comm="bf16")`` sends it; None keeps it float32.
     """
     _check_lists(params, grads, exp_avgs)
     mat = [i for i, p in enumerate(params) if orthogonalize and p.ndim == 2]
@@ -224,5 +227,8 @@ def leo_update(
         c = interpolate(m, g, beta1)
         u = leo_direction(c, eps)
         s = leo_scale(u.square().sum(), u.numel(), align_const, eps)
-        apply_update_(p, u.mul_(s), lr, weight_decay)
+        u.mul_(s)
+        if update_dtype is not None and p.dtype == torch.float32:
+            u = u.to(update_dtype)
+        apply_update_(p, u, lr, weight_decay)
         update_momentum_(m, g, beta2)

@@ -10,6 +10,9 @@ Then the update travels (per matrix bucket of shard ``S``):
 
 * ``update_comm="exact"``: one all-gather of the update in the parameter dtype, ``S·itemsize``
   bytes in per rank;
+* ``update_comm="bf16"``: the same all-gather with float32 updates rounded to bfloat16 (to
+  nearest; half the bytes; 16-bit parameters send as for "exact"), every rank, the owner included,
+  applying the rounded values;
 * ``update_comm="1bit"``: one all-reduce of one float per matrix row (the row scales), then one
   all-gather of ``S/8`` bytes of packed signs per rank (zero bitmaps only when needed), with
   an error-feedback buffer on the owner (see :mod:`leo_dist.onebit`).
@@ -110,7 +113,7 @@ class MatrixStep:
 
     Args:
         layout, comm: the optimizer's layout and collectives.
-        update_comm: "exact" or "1bit".
+        update_comm: "exact", "bf16" or "1bit".
         device: where buffers live.
         stochastic_bf16: round bfloat16 matrices stochastically, keyed by (step, parameter,
             element index) as the sign buckets do, so that any split of a matrix into pieces
@@ -124,8 +127,8 @@ class MatrixStep:
 
     def __init__(self, layout: Layout, comm: Comm, update_comm: str, device: torch.device,
                  stochastic_bf16: bool = False, kernels=None):
-        if update_comm not in ("exact", "1bit"):
-            raise ValueError(f"update_comm must be 'exact' or '1bit', got {update_comm!r}")
+        if update_comm not in ("exact", "bf16", "1bit"):
+            raise ValueError(f"update_comm must be 'exact', 'bf16' or '1bit', got {update_comm!r}")
         self.layout, self.comm, self.update_comm, self.device = layout, comm, update_comm, device
         self.stochastic_bf16 = stochastic_bf16
         self.kernels = kernels
@@ -246,7 +249,8 @@ class MatrixStep:
             group = group_of(bi)
             return lambda s, lo, hi, upd: self._apply(s.param, s.index, lo, hi, upd, group, step)
         self._gather.send_all([(self.layout.buckets[bi], updates[bi], applier(bi), f"bucket {bi}")
-                               for bi in self.buckets])
+                               for bi in self.buckets],
+                              wire=torch.bfloat16 if self.update_comm == "bf16" else None)
 
     def _send_1bit(self, group_of: Callable[[int], dict[str, Any]], updates: dict[int, Tensor], step: int
                    ) -> list[Packed]:

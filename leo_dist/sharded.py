@@ -76,8 +76,8 @@ class _ShardedOptimizer(Optimizer):
             raise TypeError(f"overlap_grads must be None or a bool, got {type(overlap_grads).__name__}")
         if grad_comm not in ("fp32", "bf16", "1bit"):
             raise ValueError(f"grad_comm must be one of ['1bit', 'bf16', 'fp32'], got {grad_comm!r}")
-        if update_comm not in ("exact", "1bit"):
-            raise ValueError(f"update_comm must be 'exact' or '1bit', got {update_comm!r}")
+        if update_comm not in ("exact", "bf16", "1bit"):
+            raise ValueError(f"update_comm must be 'exact', 'bf16' or '1bit', got {update_comm!r}")
         if isinstance(grad_comm_warmup, bool) or not isinstance(grad_comm_warmup, int) or grad_comm_warmup < 0:
             raise ValueError(f"grad_comm_warmup must be a non-negative int, got {grad_comm_warmup!r}")
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
@@ -645,8 +645,10 @@ class ShardedLeo(_ShardedOptimizer):
     Args: as :class:`leo_dist.Leo` (``lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01,
     align_const=0.2, eps=1e-8``, group key ``orthogonalize``) and as :class:`ShardedLion`, plus
         update_comm: how matrix updates travel: "exact" (default; in the parameter dtype, bit-exact
-            Leo) or "1bit" (sign bits with a per-row scale and an error-feedback buffer on the
-            owner; lossy, see :mod:`leo_dist.onebit`).
+            Leo), "bf16" (float32 updates rounded to bfloat16 to nearest, half the bytes, every
+            rank applying the rounded values: ``leo_update(..., update_dtype=torch.bfloat16)``;
+            no state) or "1bit" (sign bits with a per-row scale and an error-feedback buffer on
+            the owner; lossy, see :mod:`leo_dist.onebit`).
     """
 
     _leo = True

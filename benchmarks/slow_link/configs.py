@@ -178,7 +178,8 @@ def cost_powersgd(shapes: Shapes, world: int) -> list[Phase]:
             Phase(f"all_reduce (rank-{POWERSGD_RANK} P and Q)", 2 * _ring(world) * 4 * factors, 2 * calls)]
 
 
-def _leo_phases(shapes: Shapes, world: int, grad_bytes: float, leo: bool, update_bits: bool = False) -> list[Phase]:
+def _leo_phases(shapes: Shapes, world: int, grad_bytes: float, leo: bool, update_bits: bool = False,
+                update_bytes: float = 4) -> list[Phase]:
     """Sharded step: reduce-scatter the gradients, all-gather packed signs (and, for Leo's
     matrices with exact updates, the fp32 update), complete Leo's norms with small all-reduces."""
     n = shapes.numel
@@ -192,11 +193,15 @@ def _leo_phases(shapes: Shapes, world: int, grad_bytes: float, leo: bool, update
               # one small all-reduce, left out like the other side information)
               Phase("all_gather (1-bit signs)", _ring(world) * n_sign / 8, sign_buckets)]
     if n_mat:
-        upd = n_mat / 8 if update_bits else 4 * n_mat
+        upd = n_mat / 8 if update_bits else update_bytes * n_mat
         phases.append(Phase("all_gather (matrix updates)", _ring(world) * upd, mat_buckets))
         phases.append(Phase("all_reduce (row/col norms, RMS)", 2 * _ring(world) * 4 * (row_col + len(shapes.shapes)),
                             2))
     return phases
+
+
+def cost_leo_leo_bf16_u16(shapes, world):
+    return _leo_phases(shapes, world, 2, leo=True, update_bytes=2)
 
 
 def cost_leo_lion_fp32(shapes, world):
@@ -342,6 +347,9 @@ register(Config("leo_leo_fp32", "ShardedLeo, fp32 grads, exact matrix updates", 
 register(Config("leo_lion_1bit", "ShardedLion, 1-bit grads (error feedback)", "lion", "lion-1bit",
                 _sharded("lion", "1bit", False), cost_leo_1bit_grads, lossy=True, leo_dist=True,
                 probe=_probe_sharded("lion", "1bit")))
+register(Config("leo_leo_bf16_u16", "ShardedLeo, bf16 grads, bf16 matrix updates", "leo", "leo",
+                _sharded("leo", "bf16", False, update_comm="bf16"), cost_leo_leo_bf16_u16, lossy=True,
+                leo_dist=True, probe=_probe_sharded("leo", "bf16", update_comm="bf16"), default=False))
 register(Config("leo_leo_bf16_1bit", "ShardedLeo, bf16 grads, 1-bit matrix updates", "leo", "leo-1bit",
                 _sharded("leo", "bf16", False, update_comm="1bit"),
                 lambda s, w: _leo_phases(s, w, 2, leo=True, update_bits=True), lossy=True, leo_dist=True,
