@@ -45,8 +45,8 @@ def _train(rank, world, overlap, kind="lion", grad_comm="fp32", limits=None, bad
         x = torch.randint(0, VOCAB, (4, 5), generator=g)
         loss = net(x, use)
         if bad is not None and bad[0] == step and bad[1] == rank:
-            # an element of the (module-level) loss gradient that every later gradient carries
-            loss = loss * (1 + 0 * model.up.bias.sum()) + bad[2] * model.up.bias[0]
+            # d(loss)/d(up.bias[0]) gains bad[2] on this rank only
+            loss = loss + bad[2] * model.up.bias[0]
         loss.backward()
         losses.append(loss.item())
         opt.step()
