@@ -11,8 +11,8 @@ work; times are not reported.
 
     .venv/bin/python benchmarks/convergence.py --preset tiny --steps 1000 --worlds 2 --seeds 0 1 2
 
-DDP + PowerSGD is not among the configurations: the demo has no PowerSGD hook (the slow-link
-suite measures it, docs/benchmarks.md).
+DDP + PowerSGD runs torch's hook through the demo's ``--grad-comm powersgd``, with Leo or Lion as
+the optimizer (its bytes: the hook's rank-4 factors by the ring cost model).
 """
 from __future__ import annotations
 
@@ -39,15 +39,20 @@ CONFIGS = {
     "lion exact": ["--optimizer", "sharded_lion"],
     "lion grad_comm=1bit": ["--optimizer", "sharded_lion", "--grad-comm", "1bit"],
     "adamw (DDP)": ["--optimizer", "adamw", "--ddp"],
+    # torch's PowerSGD hook (rank 4, error feedback) on DDP, with the same optimizer as the sharded rows
+    "leo + DDP PowerSGD": ["--optimizer", "leo", "--ddp", "--grad-comm", "powersgd"],
+    "lion + DDP PowerSGD": ["--optimizer", "lion", "--ddp", "--grad-comm", "powersgd"],
 }
+DEFAULT_BATCH = 16  # launch/cli.py's --batch-size default; runs at it keep their old keys
 
 
-def _key(config: str, world: int, seed: int, preset: str, steps: int) -> str:
-    return f"{config}|W{world}|seed{seed}|{preset}|{steps}"
+def _key(config: str, world: int, seed: int, preset: str, steps: int, batch: int = DEFAULT_BATCH) -> str:
+    return f"{config}|W{world}|seed{seed}|{preset}|{steps}" + (f"|b{batch}" if batch != DEFAULT_BATCH else "")
 
 
-def report(runs: dict, preset: str, steps: int, out: str, command: str) -> str:
+def report(runs: dict, preset: str, steps: int, out: str, command: str, batch: int = DEFAULT_BATCH) -> str:
     rows, curves = [], {}
+    runs = {k: r for k, r in runs.items() if r.get("batch", DEFAULT_BATCH) == batch}
     for config in CONFIGS:
         for world in sorted({r["world"] for r in runs.values()}):
             done = [r for r in runs.values() if r["config"] == config and r["world"] == world
@@ -59,7 +64,7 @@ def report(runs: dict, preset: str, steps: int, out: str, command: str) -> str:
                          statistics.fmean(r["ratio_vs_ddp"] for r in done)))
             curves[(config, world)] = done
     ref = {w: m for c, w, _, m, _, _ in rows if c == "leo exact"}
-    lines = [f"# Convergence across seeds: model `{preset}`, {steps} steps\n",
+    lines = [f"# Convergence across seeds: model `{preset}`, {steps} steps, {batch} sequences per rank\n",
              f"Command: `{command}` (results accumulate in `{os.path.basename(out)}.json`).\n",
              "Final validation loss, mean over seeds ± half the spread; \"vs exact\": relative difference from "
              "exact Leo's mean at the same W; bytes: sent per rank per step after warm-ups (`opt.comm_stats()`) "
@@ -95,6 +100,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--worlds", type=int, nargs="+", default=[2])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="sequences per rank and step")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "convergence", "convergence"))
     args = ap.parse_args()
@@ -102,23 +108,25 @@ def main() -> None:
     path = args.out + ".json"
     runs = json.load(open(path))["runs"] if os.path.exists(path) else {}
     command = (f".venv/bin/python benchmarks/convergence.py --preset {args.preset} --steps {args.steps} "
-               f"--worlds {' '.join(map(str, args.worlds))} --seeds {' '.join(map(str, args.seeds))}")
+               f"--worlds {' '.join(map(str, args.worlds))} --seeds {' '.join(map(str, args.seeds))}"
+               + (f" --batch-size {args.batch_size}" if args.batch_size != DEFAULT_BATCH else ""))
     # seeds outermost: every configuration gets its first seed before any gets its third
     for seed in args.seeds:
         for world in args.worlds:
             for config in args.configs:
-                key = _key(config, world, seed, args.preset, args.steps)
+                key = _key(config, world, seed, args.preset, args.steps, args.batch_size)
                 if key in runs:
                     continue
                 ns = types.SimpleNamespace(world=world, steps=args.steps, preset=args.preset, seed=seed)
-                r = run(config, CONFIGS[config], ns)
-                runs[key] = dict(r, world=world, seed=seed, preset=args.preset, steps=args.steps)
+                r = run(config, CONFIGS[config] + ["--batch-size", str(args.batch_size)], ns)
+                runs[key] = dict(r, world=world, seed=seed, preset=args.preset, steps=args.steps,
+                                 batch=args.batch_size)
                 print(f"{key}: val {r['val_loss']:.4f}, {r['ratio_vs_ddp']:.3f}x DDP bytes", flush=True)
                 with open(path, "w") as f:
                     json.dump(dict(command=command, runs=runs), f, indent=1)
                 with open(args.out + ".md", "w") as f:
-                    f.write(report(runs, args.preset, args.steps, args.out, command))
-    print(report(runs, args.preset, args.steps, args.out, command))
+                    f.write(report(runs, args.preset, args.steps, args.out, command, args.batch_size))
+    print(report(runs, args.preset, args.steps, args.out, command, args.batch_size))
 
 
 if __name__ == "__main__":

@@ -78,10 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip the global norm of the averaged gradients to this value; 0 disables (default: 0)")
 
     g = p.add_argument_group("communication")
-    g.add_argument("--grad-comm", choices=("fp32", "bf16", "1bit"), default="fp32",
+    g.add_argument("--grad-comm", choices=("fp32", "bf16", "1bit", "powersgd"), default="fp32",
                    help="wire dtype of the gradient reduce-scatter of the sharded optimizers. With a "
                         "non-sharded optimizer and --ddp, bf16 registers torch's bf16 compress hook "
-                        "(NCCL only); 1bit is sharded-only (default: fp32)")
+                        "(NCCL only) and powersgd torch's PowerSGD hook (rank 4, error feedback, plain "
+                        "all-reduce for the first 10 steps); 1bit is sharded-only (default: fp32)")
     g.add_argument("--grad-comm-warmup", type=_int_at_least(0), default=None, metavar="STEPS",
                    help="with --grad-comm 1bit: steps that still send uncompressed gradients first "
                         "(default: the optimizer's)")
@@ -154,6 +155,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parser.error(f"--ranks-per-node must be an integer or 'auto', got {args.ranks_per_node!r}")
     if not sharded and args.grad_comm == "1bit":
         parser.error("--grad-comm 1bit needs a sharded optimizer (sharded_leo or sharded_lion)")
+    if args.grad_comm == "powersgd" and (sharded or not args.ddp):
+        parser.error("--grad-comm powersgd is DDP's PowerSGD hook: it needs a non-sharded optimizer "
+                     "(leo, lion or adamw) and --ddp")
+    if args.grad_comm == "powersgd" and args.checkpoint_dir:
+        # the hook's error feedback and warm-start factors are not in the checkpoint: a resume
+        # would silently drop what the compressor still owes the gradients
+        parser.error("--grad-comm powersgd does not checkpoint the hook's error-feedback state; "
+                     "drop --checkpoint-dir")
     if not sharded and args.grad_comm == "bf16" and not args.ddp:
         parser.error("--grad-comm bf16 with a non-sharded optimizer means DDP's bf16 compress hook: add --ddp")
     if args.stop_at_step is not None and args.stop_at_step > args.steps:

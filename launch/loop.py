@@ -17,10 +17,11 @@ from launch.ckpt import load_checkpoint, resolve_resume, save_checkpoint
 from launch.data import evaluate, seed_of, train_batch
 from launch.faults import FaultInjector, restart_count
 from launch.gpt import GPT, PRESETS, GPTConfig, load_corpus
-from launch.optimizers import SHARDED, build_optimizer, lr_factor
+from launch.optimizers import (POWERSGD_MIN_COMPRESSION_RATE, POWERSGD_RANK, POWERSGD_START_ITER, SHARDED,
+                               build_optimizer, lr_factor)
 from launch.ranks import Dist
 from launch.report import Reporter, log_header, log_summary
-from launch.traffic import comm_delta, comm_totals, ddp_reference_bytes, fmt_bytes
+from launch.traffic import comm_delta, comm_totals, ddp_reference_bytes, fmt_bytes, powersgd_reference_bytes
 
 
 @dataclass
@@ -46,6 +47,13 @@ class Run:
     def grad_bytes(self) -> int:
         """Bytes per element of DDP's all-reduce: 2 with torch's bf16 compress hook, else 4."""
         return 2 if self.args.grad_comm == "bf16" and not self.sharded else 4
+
+    def ddp_step_bytes(self, step: int) -> float:
+        """Bytes one rank sends in DDP's all-reduce(s) at (1-based) ``step`` (ring cost model)."""
+        if self.args.grad_comm == "powersgd" and step > POWERSGD_START_ITER:
+            return powersgd_reference_bytes([p.shape for p in self.core.parameters() if p.requires_grad],
+                                            self.d.world, POWERSGD_RANK, POWERSGD_MIN_COMPRESSION_RATE)
+        return ddp_reference_bytes(self.n_params, self.d.world, self.grad_bytes)
 
     @property
     def ddp_ref(self) -> float:
@@ -85,13 +93,23 @@ def build(args, d: Dist) -> Run:
         raise SystemExit(f"error: {exc}") from None
     model: torch.nn.Module = core
     if args.ddp:
-        model = DDP(core, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        # PowerSGD's hook launches its Q all-reduce from the P all-reduce's callback: with several
+        # DDP buckets those race the next bucket's collectives and gloo pairs mismatched ones, so
+        # PowerSGD gets one bucket (the slow-link suite does the same).
+        ddp_kw = dict(bucket_cap_mb=1024) if args.grad_comm == "powersgd" else {}
+        model = DDP(core, device_ids=[d.device.index] if d.device.type == "cuda" else None, **ddp_kw)
         if sharded:
             from leo_dist import hooks as leo_hooks
             leo_hooks.attach(model, opt)
         elif args.grad_comm == "bf16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
             model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        elif args.grad_comm == "powersgd":
+            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+            state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=POWERSGD_RANK,
+                                       start_powerSGD_iter=POWERSGD_START_ITER,
+                                       min_compression_rate=POWERSGD_MIN_COMPRESSION_RATE, random_seed=0)
+            model.register_comm_hook(state, psgd.powerSGD_hook)
     mode = ("DDP + leo_dist hook" if sharded else "DDP") if args.ddp else ("standalone" if sharded else "local")
     return Run(args, d, cfg, core, model, opt, train_ids, val_ids, n_params, sharded, mode)
 
@@ -163,7 +181,7 @@ def run_steps(run: Run, rep: Reporter, base_lrs: list[float], start_step: int, e
             sent = float(sum(c["sent"] for c in stats.last_comm.values()))
             recv = float(sum(c["received"] for c in stats.last_comm.values()))
         else:
-            sent = recv = ddp_reference_bytes(run.n_params, d.world, run.grad_bytes) if args.ddp else 0.0
+            sent = recv = run.ddp_step_bytes(step) if args.ddp else 0.0
         stats.sent.append(sent)
         stats.received.append(recv)
 

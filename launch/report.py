@@ -83,7 +83,7 @@ def log_header(rep: Reporter, run: Run) -> None:
     """What runs: world, model, optimizer and mode, and where the bytes it reports come from."""
     args, d = run.args, run.d
     details = [run.mode]
-    if run.sharded:
+    if run.sharded or args.grad_comm == "powersgd":
         details.append(f"grad_comm {args.grad_comm}")
     if args.optimizer == "sharded_leo":
         details.append(f"update_comm {args.update_comm}")
@@ -94,7 +94,9 @@ def log_header(rep: Reporter, run: Run) -> None:
         bytes_source = "optimizer bytes are what opt.comm_stats() reports"
     elif args.ddp:
         bytes_source = ("this run's bytes are DDP's all-reduce by the same cost model"
-                        + (" at 2 bytes/element (bf16 hook)" if run.grad_bytes == 2 else ""))
+                        + (" at 2 bytes/element (bf16 hook)" if run.grad_bytes == 2 else "")
+                        + (" of PowerSGD's factors and uncompressed tensors after its plain warm-up steps"
+                           if args.grad_comm == "powersgd" else ""))
     else:
         bytes_source = "this run has no gradient collectives"
     rep.log(f"bytes: DDP fp32 reference = ring all-reduce cost model 2*(W-1)/W*4*N = {fmt_bytes(run.ddp_ref)} "

@@ -1,6 +1,8 @@
 """Bytes on the wire: a sharded optimizer's own counters per step, and DDP's ring all-reduce cost model."""
 from __future__ import annotations
 
+import math
+
 
 def comm_totals(opt) -> dict[str, dict[str, int]]:
     """Running per-kind byte totals of a sharded optimizer: ``{kind: {"sent", "received", "calls"}}``.
@@ -26,6 +28,22 @@ def ddp_reference_bytes(n_params: int, world: int, bytes_per_elem: int = 4) -> f
     """Bytes one rank sends per step in a ring all-reduce of ``n_params`` elements (cost model)."""
     return 2.0 * (world - 1) / world * bytes_per_elem * n_params
 
+
+def powersgd_reference_bytes(shapes, world: int, rank: int, min_compression_rate: float) -> float:
+    """Bytes one rank sends per compressed step of torch's PowerSGD hook (ring cost model).
+
+    As the hook decides: a tensor viewed as ``(shape[0], -1)`` travels as its rank-``rank`` factors
+    P and Q (``(rows + cols)·rank`` fp32 elements, two all-reduces) when that is at least
+    ``min_compression_rate`` times smaller, otherwise (and for 1-D tensors) uncompressed in fp32.
+    """
+    elems = 0
+    for shape in shapes:
+        numel = math.prod(shape)
+        rows = shape[0] if len(shape) >= 2 else 0
+        cols = numel // rows if rows else 0
+        compress = rows and (rows + cols) * rank * min_compression_rate < numel
+        elems += (rows + cols) * rank if compress else numel
+    return ddp_reference_bytes(elems, world)
 
 
 def fmt_bytes(n: float | None) -> str:

@@ -6,6 +6,7 @@ from .optim import Leo, Lion, leo_param_groups
 from .packing import pack_mask, pack_signs, unpack_signs
 from .prepare import prepare
 from .sharded import ShardedLeo, ShardedLion
+from .topology import node_mesh
 
 __all__ = [
     "Leo",
@@ -19,6 +20,7 @@ __all__ = [
     "leo_param_groups",
     "leo_update",
     "misuse",
+    "node_mesh",
     "lion_update",
     "pack_signs",
     "pack_mask",

@@ -48,7 +48,7 @@ from .ddp_guard import DDPGuard
 from .dispatch import select_backend
 from .deferred import DeferredUpdates
 from .exchange import GradientExchange
-from .groups import resolve_group
+from .groups import resolve_topology
 from .matrix import MatrixStep
 from .partition import Layout
 from .sender import BackgroundSender
@@ -82,7 +82,8 @@ class _ShardedOptimizer(Optimizer):
             raise ValueError(f"grad_comm_warmup must be a non-negative int, got {grad_comm_warmup!r}")
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be a positive number, got {bucket_mb!r}")
-        process_group = resolve_group(process_group)  # a ProcessGroup, a 1-D DeviceMesh or None
+        # a ProcessGroup, a 1-D DeviceMesh or None; a 2-D (node, local rank) mesh sets ranks_per_node
+        process_group, ranks_per_node = resolve_topology(process_group, ranks_per_node)
         check_hyperparameters(defaults)
         self._momentum_dtype = check_momentum_dtype(momentum_dtype)
         self.grad_comm, self.update_comm = grad_comm, update_comm
@@ -575,7 +576,10 @@ class ShardedLion(_ShardedOptimizer):
 
     Args: as :class:`leo_dist.Lion` (``lr=1e-4, betas=(0.9, 0.99), weight_decay=0``), plus
         process_group: the data-parallel group; None means the default group when one is
-            initialised, else a world of 1 with no collectives.
+            initialised, else a world of 1 with no collectives. A 1-D ``DeviceMesh`` means its
+            group; a 2-D one of (node, local rank) (dims named "node", "local", or HSDP's
+            "replicate", "shard"; e.g. :func:`leo_dist.topology.node_mesh`) means the whole world
+            with ``ranks_per_node`` = its second size (:func:`leo_dist.groups.resolve_topology`).
         grad_comm: gradient exchange: "fp32" (default, exact), "bf16", or "1bit" (signs with one
             scale per 1024 elements and error feedback, about N/8 bytes per rank; lossy, see
             :mod:`leo_dist.onebit`).
@@ -610,6 +614,7 @@ class ShardedLion(_ShardedOptimizer):
             gradients are summed at float32 inside each node and cross nodes once, as the node's
             sums, in ``grad_comm``; update bits cross once per node. Ranks are numbered node by
             node, as torchrun numbers them. Same momentum layout and checkpoints as the flat one.
+            Leave it None with a 2-D mesh, which gives it.
 
     Parameters with ``requires_grad=False`` are not held (no state, never stepped); a parameter that
     no rank has a gradient for in a step is left untouched, as by the single-process optimizers; one

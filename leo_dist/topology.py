@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .collectives import Comm, CommStats, Done
 
-__all__ = ["HierComm", "check_node_numbering", "resolve_ranks_per_node"]
+__all__ = ["HierComm", "check_node_numbering", "node_mesh", "resolve_ranks_per_node"]
 
 
 def resolve_ranks_per_node(value: Any, world: int) -> int | None:
@@ -185,3 +185,20 @@ def check_node_numbering(comm: Comm, ranks_per_node: int, device: torch.device) 
         raise ValueError(f"ranks_per_node='auto' ({ranks_per_node} per node, from LOCAL_WORLD_SIZE) needs the "
                          f"ranks numbered node by node, but their GROUP_RANKs are {table.tolist()}; pass "
                          "process_group= a group whose ranks are, or ranks_per_node=None for the flat exchange")
+
+
+def node_mesh(device_type: str = "cpu", ranks_per_node: int | str = "auto"):
+    """A 2-D ``DeviceMesh`` of (node, local rank) over the whole world, dims named ("node",
+    "local"), for ``process_group=`` of the sharded optimizers: ``ranks_per_node`` ranks per node
+    ("auto", the default: torchrun's ``LOCAL_WORLD_SIZE``, with the node-by-node numbering checked
+    against ``GROUP_RANK`` where torchrun sets it). Collective over the default group, which must
+    be initialised. Raises ``ValueError``/``TypeError`` naming ``ranks_per_node``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("node_mesh needs torch.distributed's default group (call init_process_group first)")
+    world = dist.get_world_size()
+    g = resolve_ranks_per_node(ranks_per_node, world)
+    if ranks_per_node == "auto":
+        check_node_numbering(Comm(None), g, torch.device(device_type, torch.cuda.current_device())
+                             if device_type == "cuda" else torch.device(device_type))
+    return init_device_mesh(device_type, (world // g, g), mesh_dim_names=("node", "local"))

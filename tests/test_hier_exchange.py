@@ -262,3 +262,62 @@ def test_one_node_rounds_nothing():
     held = [p for g in oracle.param_groups for p in g["params"]]  # state_dict's numbering
     for m, p in zip(momentum, held):
         assert torch.equal(m, oracle.state[p]["exp_avg"]), rel_err(m, oracle.state[p]["exp_avg"])
+
+
+def _mesh(rank, world, g):
+    """A 2-D (node, local rank) DeviceMesh as process_group against ranks_per_node=g, and the
+    meshes that must be refused."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    def train(opt_kw, kind="lion"):
+        params = make_params()
+        cls = leo_dist.ShardedLeo if kind == "leo" else leo_dist.ShardedLion
+        opt = cls(groups_for(params, kind), bucket_mb=1e-4, grad_comm="bf16", **opt_kw)
+        exchange = opt._attach_hook(None)
+        for step in range(3):
+            for p in params:
+                exchange.stage(p, local_grad(step, rank, p.shape, True))
+            opt.step()
+        return dict(hash=params_hash(params), local=opt._comm.local, levels=sorted(opt.comm_stats()["last_step"]))
+
+    def refused(**opt_kw):
+        try:
+            leo_dist.ShardedLion(make_params(), **opt_kw)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    m = world // g
+    out = {}
+    mesh = init_device_mesh("cpu", (m, g), mesh_dim_names=("node", "local"))
+    for kind in ("lion", "leo"):
+        out[kind] = (train(dict(process_group=mesh), kind), train(dict(ranks_per_node=g), kind))
+    out["hsdp"] = train(dict(process_group=init_device_mesh("cpu", (m, g), mesh_dim_names=("replicate", "shard"))))
+    os.environ.update(LOCAL_WORLD_SIZE=str(g), GROUP_RANK=str(rank // g))
+    auto = leo_dist.node_mesh("cpu")
+    out["node_mesh"] = (tuple(auto.shape), auto.mesh_dim_names, train(dict(process_group=auto)))
+    out["dp_tp"] = refused(process_group=init_device_mesh("cpu", (m, g), mesh_dim_names=("dp", "tp")))
+    out["unnamed"] = refused(process_group=init_device_mesh("cpu", (m, g)))
+    out["both"] = refused(process_group=mesh, ranks_per_node=g)
+    if world == 4:  # ranks not numbered node by node
+        out["misnumbered"] = refused(process_group=DeviceMesh("cpu", [[0, 2], [1, 3]],
+                                                              mesh_dim_names=("node", "local")))
+    return out
+
+
+@pytest.mark.parametrize("world,g", [(4, 2), (3, 1)])
+def test_two_dim_device_mesh_is_the_two_level_exchange(world, g):
+    out = run_ranks(_mesh, world, g)
+    for o in out:
+        for kind in ("lion", "leo"):
+            via_mesh, via_int = o[kind]
+            assert via_mesh == via_int, kind  # same params bitwise, same levels booked
+            assert via_mesh["hash"] == out[0][kind][0]["hash"]
+            assert via_mesh["local"] == g and "reduce_scatter:inter" in via_mesh["levels"], via_mesh
+        assert o["hsdp"] == o["lion"][0]
+        assert o["node_mesh"] == ((world // g, g), ("node", "local"), o["lion"][0])
+        assert "must be 1-D" in o["dp_tp"] and "('dp', 'tp')" in o["dp_tp"], o["dp_tp"]
+        assert "must be 1-D" in o["unnamed"], o["unnamed"]
+        assert o["both"].startswith("ranks_per_node:"), o["both"]
+    if world == 4:
+        assert all("numbered node by node" in o["misnumbered"] for o in out), out[0]["misnumbered"]
