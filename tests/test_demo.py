@@ -179,6 +179,26 @@ def test_world_of_two_adamw_ddp_bytes_match_model_size(tmp_path):
     assert all(s[3] == pytest.approx(ring, rel=5e-3) for s in step_lines(out)), out
 
 
+def test_world_of_two_powersgd_bytes_are_its_factors_after_warmup(tmp_path):
+    """DDP + torch's PowerSGD hook: plain all-reduce for 10 steps, then every 2-D tensor whose
+    rank-4 factors are at least 2x smaller travels as them (counted here from the tensors)."""
+    argv = [*FAST, "--steps", "12", "--optimizer", "lion", "--ddp", "--grad-comm", "powersgd",
+            "--metrics-file", str(tmp_path / "m.jsonl")]
+    out = run_demo(argv, nproc=2)
+    records = [json.loads(line) for line in open(tmp_path / "m.jsonl")]
+    vocab = load_corpus(max_chars=200_000)[2]
+    elems = 0
+    for p in GPT(GPTConfig(vocab_size=vocab, **PRESETS["tiny"])).parameters():
+        rows, cols = (p.shape[0], p.numel() // p.shape[0]) if p.ndim >= 2 else (0, 0)
+        small = rows and (rows + cols) * 4 * 2 < p.numel()
+        elems += (rows + cols) * 4 if small else p.numel()
+    ring = 2 * (2 - 1) / 2 * 4  # bytes per fp32 element one rank sends in a ring all-reduce, W=2
+    sent = {r["step"]: r["sent_bytes"] for r in records if r["kind"] == "train"}
+    assert sent == {s: ring * (model_size() if s <= 10 else elems) for s in range(1, 13)}, out
+    assert elems < model_size() / 5
+    assert records[-1]["val_loss"] < records[0]["loss"], out
+
+
 def test_world_of_two_resume_matches_uninterrupted_run(tmp_path):
     """Sharded Leo at W=2 (standalone): the collective state_dict round trip gives the same losses."""
     common = [*FAST, "--steps", "6", "--optimizer", "sharded_leo", "--clip-grad-norm", "1.0"]
@@ -207,6 +227,9 @@ def test_world_of_two_resume_matches_uninterrupted_run(tmp_path):
     (["--optimizer", "sharded_lion", "--update-comm", "1bit"], "--update-comm only applies"),
     (["--optimizer", "leo", "--grad-comm", "1bit"], "needs a sharded optimizer"),
     (["--optimizer", "adamw", "--grad-comm", "bf16"], "add --ddp"),
+    (["--optimizer", "lion", "--grad-comm", "powersgd"], "needs a non-sharded optimizer"),
+    (["--optimizer", "sharded_lion", "--ddp", "--grad-comm", "powersgd"], "needs a non-sharded optimizer"),
+    (["--optimizer", "lion", "--ddp", "--grad-comm", "powersgd", "--checkpoint-dir", "x"], "error-feedback"),
     (["--resume", "latest"], "needs --checkpoint-dir"),
     (["--checkpoint-interval", "5"], "needs --checkpoint-dir"),
     (["--steps", "10", "--stop-at-step", "11"], "must not exceed"),
