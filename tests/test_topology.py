@@ -140,8 +140,12 @@ def test_driver_commands_rows_and_table():
         return dict(config=name, world=4, nproc_per_node=2, link_delay_ms=0.0, model_bytes_per_rank=1.0,
                     evals=[(0, 4.0), (20, 3.0)], n_params=10,
                     windows=[dict(rate_bps=100e6, steps=2, step_s=[step_s, step_s * 3, step_s], topology=topo)])
-    rows = run.rows_from([rec("ddp_adamw", 1.0), rec("leo_lion_bf16_ddp", 0.5)])
+    rows = run.rows_from([rec("ddp_adamw", 1.0), rec("leo_lion_bf16_ddp", 0.5)], target=3.5)
     assert rows[0]["cross_node_bytes_per_step"] == 2000 and rows[0]["intra_node_bytes_per_step"] == [250, 350]
     assert rows[1]["speedup_vs_ddp"] == 2.0 and rows[1]["cross_vs_ddp"] == 1.0
+    # 3.5 is half-way from 4.0 (step 0) to 3.0 (step 20): 10 steps, times the median step time
+    assert rows[1]["steps_to_target"] == 10.0 and rows[1]["time_to_target_s"] == 5.0
     text = run.table(rows)
-    assert "| leo_lion_bf16_ddp | 100mbit | 0.500 | 0.002 | 0.001 (0.000 + 0.000) | 1.000 | 2.00 | 3.000 | 2 |" in text
+    assert ("| leo_lion_bf16_ddp | 100mbit | 0.500 | 0.002 | 0.001 (0.000 + 0.000) | 1.000 | 2.00 | 10.0 | 5.0 "
+            "| 3.000 | 2 |") in text
+    assert run.rows_from([rec("ddp_adamw", 1.0)], target=2.0)[0]["time_to_target_s"] is None  # never reached

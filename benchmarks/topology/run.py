@@ -36,6 +36,7 @@ sys.path.insert(0, HERE)
 import testbed  # noqa: E402  (puts benchmarks/slow_link on sys.path)
 import topo_configs  # noqa: E402
 import netns  # noqa: E402
+from report import steps_to_target  # noqa: E402  (benchmarks/slow_link/report.py)
 
 BASELINE = "ddp_adamw"
 
@@ -51,6 +52,7 @@ OPTIONS = (
     ("--timed-steps", int, 5, "steps timed at each rate"),
     ("--window-at", int, 12, "first timed step (after DDP's bucket rebuild and PowerSGD's warm-up)"),
     ("--eval-every", int, 10, "validation loss every N steps"),
+    ("--target-loss", float, 2.85, "validation loss of the time-to-target column (the slow-link suite's)"),
     ("--preset", str, "10m", "launch/gpt.py model preset"),
     ("--batch-size", int, 4, "sequences per rank per step"),
     ("--seed", int, 0, "model init and data order"),
@@ -122,9 +124,13 @@ def run_one(tb: testbed.Testbed, cfg, index: int, args, raw_dir: str) -> dict | 
     return rec
 
 
-def rows_from(recs: list[dict]) -> list[dict]:
+def rows_from(recs: list[dict], target: float = 2.85) -> list[dict]:
+    """One row per (configuration, rate). Time to target = steps to ``target`` (validation loss,
+    interpolated between evaluations; the training runs unshaped outside the timed windows, as in
+    the slow-link suite) × the median step time at that rate."""
     rows = []
     for r in recs:
+        reached = steps_to_target(r["evals"], target)
         for w in r["windows"]:
             topo = w["topology"]
             rows.append(dict(config=r["config"], label=topo_configs.configs.REGISTRY[r["config"]].label,
@@ -139,7 +145,9 @@ def rows_from(recs: list[dict]) -> list[dict]:
                              library_sent_per_rank=w.get("library_sent_per_rank"),
                              tcp_retrans=topo["tcp_retrans"], qdisc_drops=topo["qdisc_drops"],
                              final_val_loss=r["evals"][-1][1], final_step=r["evals"][-1][0],
-                             replicas_identical=r.get("replicas_identical"), n_params=r["n_params"]))
+                             replicas_identical=r.get("replicas_identical"), n_params=r["n_params"],
+                             target_loss=target, steps_to_target=reached,
+                             time_to_target_s=None if reached is None else reached * statistics.median(w["step_s"])))
     base = {x["rate"]: x for x in rows if x["config"] == BASELINE}
     for x in rows:
         b = base.get(x["rate"])
@@ -152,14 +160,15 @@ def table(rows: list[dict]) -> str:
     def f(v, spec):
         return "–" if v is None else format(v, spec)
     head = ["config", "rate", "step s (median)", "cross-node MB/step (veth)", "intra-node MB/step (lo, n0+n1)",
-            "× DDP cross bytes", "× DDP speed", "final val loss", "retx"]
+            "× DDP cross bytes", "× DDP speed", "steps to target", "time to target s", "final val loss", "retx"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for x in rows:
         lines.append("| " + " | ".join([
             x["config"], x["rate"], f(x["step_s_median"], ".3f"), f(x["cross_node_bytes_per_step"] / 1e6, ".3f"),
             f"{x['intra_node_bytes_per_step_total'] / 1e6:.3f} (" +
             " + ".join(f"{b / 1e6:.3f}" for b in x["intra_node_bytes_per_step"]) + ")",
-            f(x["cross_vs_ddp"], ".3f"), f(x["speedup_vs_ddp"], ".2f"), f(x["final_val_loss"], ".3f"),
+            f(x["cross_vs_ddp"], ".3f"), f(x["speedup_vs_ddp"], ".2f"), f(x.get("steps_to_target"), ".1f"),
+            f(x.get("time_to_target_s"), ".1f"), f(x["final_val_loss"], ".3f"),
             str(x["tcp_retrans"])]) + " |")
     return "\n".join(lines)
 
@@ -206,11 +215,12 @@ def main(argv=None) -> None:
             if rec is not None:
                 recs.append(rec)
     print(f"finished in {time.time() - t_start:.0f}s; testbed removed", flush=True)
-    rows = rows_from(recs)
+    rows = rows_from(recs, args.target_loss)
     result = dict(run_id=args.run_id, label=args.label, command=command, machine=slow_run().machine(),
                   settings=dict(rates=args.rates, delay_ms=args.delay_ms, nproc_per_node=args.nproc_per_node,
                                 nnodes=2, preset=args.preset, steps=args.steps, timed_steps=args.timed_steps,
-                                window_at=args.window_at, batch_size=args.batch_size, seed=args.seed),
+                                window_at=args.window_at, batch_size=args.batch_size, seed=args.seed,
+                                target_loss=args.target_loss),
                   skipped=[c.name for c in args.chosen if c not in runnable],
                   failed=[c.name for c in runnable if c.name not in {r["config"] for r in recs}], rows=rows)
     with open(os.path.join(args.out, "results.json"), "w") as f:
