@@ -389,3 +389,19 @@ for _grad, _c in (("fp32", cost_leo_lion_fp32), ("bf16", cost_leo_lion_bf16), ("
 register(Config("leo_leo_bf16_ddp_overlap_b2", "ShardedLeo, bf16 grads, DDP hook, overlap_updates, 2 MB buckets",
                 "leo", "leo", _sharded("leo", "bf16", True, overlap_updates=True, bucket_mb=2), cost_leo_leo_bf16,
                 leo_dist=True, probe=_probe_sharded("leo", "bf16", hook=True), twin="leo_leo_bf16", default=False))
+# Time to target (issue 11): Leo at one bit on both sides, and the recommended bf16 + 1-bit, behind
+# the DDP hook with overlap_updates (Leo's matrices take the deferred path, not the streamed one).
+register(Config("leo_leo_1bit_1bit", "ShardedLeo, 1-bit grads, 1-bit matrix updates", "leo", "leo-1bit-1bit",
+                _sharded("leo", "1bit", False, update_comm="1bit"),
+                lambda s, w: _leo_phases(s, w, 1 / 8 + 4 / 1024, leo=True, update_bits=True), lossy=True,
+                leo_dist=True, probe=_probe_sharded("leo", "1bit", update_comm="1bit"), default=False))
+for _grad in ("bf16", "1bit"):
+    register(Config(f"leo_leo_{_grad}_1bit_ddp_overlap_b2",
+                    f"ShardedLeo, {_grad} grads, 1-bit matrix updates, DDP hook, overlap_updates, 2 MB buckets",
+                    "leo", "leo-1bit" if _grad == "bf16" else "leo-1bit-1bit",
+                    _sharded("leo", _grad, True, update_comm="1bit", overlap_updates=True,
+                                                bucket_mb=2),
+                    lambda s, w, g=_grad: _leo_phases(s, w, 2 if g == "bf16" else 1 / 8 + 4 / 1024, leo=True,
+                                                      update_bits=True),
+                    lossy=True, leo_dist=True, probe=_probe_sharded("leo", _grad, update_comm="1bit", hook=True),
+                    twin="leo_leo_bf16_1bit" if _grad == "bf16" else "leo_leo_1bit_1bit", default=False))
