@@ -36,8 +36,12 @@ CONFIGS = {
     "leo bf16 grads, update_comm=1bit": LEO + ["--grad-comm", "bf16", "--update-comm", "1bit"],
     "leo bf16 grads, update_comm=bf16": LEO + ["--grad-comm", "bf16", "--update-comm", "bf16"],
     "leo grad_comm=1bit": LEO + ["--grad-comm", "1bit"],
+    "leo grad_comm=1bit, warm-up 10": LEO + ["--grad-comm", "1bit", "--grad-comm-warmup", "10"],
+    "leo grad_comm=1bit, warm-up 50": LEO + ["--grad-comm", "1bit", "--grad-comm-warmup", "50"],
     "lion exact": ["--optimizer", "sharded_lion"],
     "lion grad_comm=1bit": ["--optimizer", "sharded_lion", "--grad-comm", "1bit"],
+    "lion grad_comm=1bit, warm-up 10": ["--optimizer", "sharded_lion", "--grad-comm", "1bit", "--grad-comm-warmup", "10"],
+    "lion grad_comm=1bit, warm-up 50": ["--optimizer", "sharded_lion", "--grad-comm", "1bit", "--grad-comm-warmup", "50"],
     "adamw (DDP)": ["--optimizer", "adamw", "--ddp"],
     # torch's PowerSGD hook (rank 4, error feedback) on DDP, with the same optimizer as the sharded rows
     "leo + DDP PowerSGD": ["--optimizer", "leo", "--ddp", "--grad-comm", "powersgd"],

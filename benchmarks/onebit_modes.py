@@ -46,8 +46,8 @@ from launch.gpt import GPT, PRESETS, GPTConfig, load_corpus  # noqa: E402
 from launch.optimizers import DEFAULT_BETAS, DEFAULT_LR, DEFAULT_WD, _decay_groups, lr_factor  # noqa: E402
 
 
-def _cfg(opt, codec="exact", chunk=1024, warmup=10, ef=True, scope="all"):
-    return dict(opt=opt, codec=codec, chunk=chunk, warmup=warmup, ef=ef, scope=scope)
+def _cfg(opt, codec="exact", chunk=1024, warmup=10, ef=True, scope="all", leak=1.0):
+    return dict(opt=opt, codec=codec, chunk=chunk, warmup=warmup, ef=ef, scope=scope, leak=leak)
 
 
 # codec: exact | flat (runs of `chunk` over the flattened vector) | row (one scale per row of each
@@ -60,9 +60,11 @@ CONFIGS = {
     "leo 1bit C64": _cfg("leo", "flat", 64),
     "leo 1bit row": _cfg("leo", "row", 1024),
     "leo 1bit rank1": _cfg("leo", "rank1", 1024),
+    "leo 1bit C1024 wu30": _cfg("leo", "flat", 1024, warmup=30),
     "leo 1bit C1024 wu50": _cfg("leo", "flat", 1024, warmup=50),
     "leo 1bit C1024 wu100": _cfg("leo", "flat", 1024, warmup=100),
     "leo 1bit C1024 noEF": _cfg("leo", "flat", 1024, ef=False),
+    "leo 1bit C1024 leak0.9": _cfg("leo", "flat", 1024, leak=0.9),
     "leo 1bit C1024 mat-only": _cfg("leo", "flat", 1024, scope="mat"),
     "leo 1bit C1024 rest-only": _cfg("leo", "flat", 1024, scope="rest"),
     "leo 1bit rank1 wu50": _cfg("leo", "rank1", 1024, warmup=50),
@@ -207,6 +209,7 @@ def run_one(name: str, spec: dict, args, corpus) -> dict:
     n = sum(p.numel() for p in params)
     err = [torch.zeros(n) for _ in range(args.world)]
     diag = dict(grad_rel_err=[], update_cos=[], update_rel_err=[], mat_update_cos=[], sign_agree=[])
+    trace = []  # (step, ||e_0||/||g_0||, ||mean decoded - exact mean||/||exact mean||, ||g_0||)
     mat_mask = codec.mat_mask if codec else None
     losses = []
     bits = 32.0
@@ -233,10 +236,13 @@ def run_one(name: str, spec: dict, args, corpus) -> dict:
                 xr = local[r] + err[r] if spec["ef"] else local[r]
                 dec, n_scales = codec.encode_decode(xr)
                 if spec["ef"]:
-                    err[r] = xr - dec
+                    err[r] = (xr - dec) * spec.get("leak", 1.0)
                 decs.append(dec)
             combined = torch.stack(decs).mean(0)
             bits = codec.bits_per_element(n_scales)
+            if step % 10 == 0:
+                trace.append((step, float(err[0].norm() / local[0].norm()),
+                              float((combined - exact).norm() / exact.norm()), float(local[0].norm())))
             if step % args.diag_every == 0:
                 diag["grad_rel_err"].append(float((combined - exact).norm() / exact.norm()))
                 split = lambda v: {id(p): t.view_as(p) for p, t in zip(params, v.split([q.numel() for q in params]))}
@@ -262,7 +268,7 @@ def run_one(name: str, spec: dict, args, corpus) -> dict:
     return dict(config=name, **spec, seed=args.seed, world=args.world, steps=args.steps, preset=args.preset,
                 batch_size=args.batch_size, final_loss=losses[-1], train_loss_last20=mean(losses[-20:]),
                 val_loss=val, bits_per_element=bits, seconds=train_time,
-                diag={k: mean(v) for k, v in diag.items()},
+                diag={k: mean(v) for k, v in diag.items()}, trace=trace,
                 losses=[(i + 1, l) for i, l in enumerate(losses) if (i + 1) % 10 == 0])
 
 
@@ -297,9 +303,9 @@ def table(data, world=None, steps=None) -> str:
         if (world and w != world) or (steps and s != steps):
             continue
         lines += [f"\nW={w}, {s} steps", "",
-                  "| configuration | seeds | val loss | Δ val vs exact | final train (last-20 mean) | bits/elem "
-                  "| grad rel. err | update cos | update rel. err |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| configuration | seeds | val loss | Δ val vs exact (per seed, %) | train loss (last-20 mean) "
+                  "| bits/elem compressed step | bits/elem run mean | grad rel. err | update cos | update rel. err |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for (w2, s2, name), seeds in sorted(by.items(), key=lambda kv: (kv[0][2].split()[0], kv[0][2] != kv[0][2].split()[0] + " exact", list(CONFIGS).index(kv[0][2]) if kv[0][2] in CONFIGS else 99)):
             if (w2, s2) != (w, s):
                 continue
@@ -317,8 +323,12 @@ def table(data, world=None, steps=None) -> str:
             dg = [seeds[k]["diag"] for k in common]
             f = lambda key: (f"{sum(x[key] for x in dg) / len(dg):.3f}" if all(x.get(key) is not None for x in dg)
                              else "—")
+            r0 = seeds[common[0]]
+            b = r0["bits_per_element"]
+            k = min(r0["warmup"], s) if r0["codec"] != "exact" else s
+            run_bits = (32.0 * k + b * (s - k)) / s
             lines.append(f"| {name} | {','.join(map(str, common))} | {val:.4f} | {delta} | {tr:.4f} | "
-                         f"{seeds[common[0]]['bits_per_element']:.3f} | {f('grad_rel_err')} | {f('update_cos')} "
+                         f"{b:.3f} | {run_bits:.2f} | {f('grad_rel_err')} | {f('update_cos')} "
                          f"| {f('update_rel_err')} |")
     return "\n".join(lines) + "\n"
 
