@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint  # noqa: F401 - the sharded form's ShardedTensor needs it loaded
 from torch import nn
 
@@ -218,6 +219,8 @@ MISMATCH = [  # (id, what rank 1 does differently, match) -- every rank must rai
 
 def _mismatched_models(rank, world):
     out = {}
+    # connect the group first, so that the timings below are of the checks, not of gloo's setup
+    dist.barrier()
     for name, diff, _ in MISMATCH:
         mine = diff if rank == 1 else {}
         shapes = mine.get("shapes", [(7, 13), (5,), (3, 3)])
@@ -247,7 +250,8 @@ def test_mismatched_models_and_options_raise_on_every_rank_without_hanging():
         for rank, out in enumerate(outs):
             msg, elapsed, unchanged = out[name]
             assert msg.startswith("ValueError") and match in msg, (name, rank, msg)
-            assert elapsed < 5.0, (name, rank, elapsed)  # one small collective, not a timeout (60 s here)
+            # one small collective, not the group's 60 s timeout (the bound leaves room for a loaded machine)
+            assert elapsed < 20.0, (name, rank, elapsed)
             assert unchanged, (name, rank)
     assert all(out["after"] for out in outs)
 
