@@ -7,6 +7,7 @@ batches are functions of the same triple (launch/data.py), so no RNG state is ch
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -17,11 +18,11 @@ from launch.ckpt import load_checkpoint, resolve_resume, save_checkpoint
 from launch.data import evaluate, seed_of, train_batch
 from launch.faults import FaultInjector, restart_count
 from launch.gpt import GPT, PRESETS, GPTConfig, load_corpus
-from launch.optimizers import (POWERSGD_MIN_COMPRESSION_RATE, POWERSGD_RANK, POWERSGD_START_ITER, SHARDED,
-                               build_optimizer, lr_factor)
+from launch.optimizers import SHARDED, build_optimizer, lr_factor
 from launch.ranks import Dist
 from launch.report import Reporter, log_header, log_summary
-from launch.traffic import comm_delta, comm_totals, ddp_reference_bytes, fmt_bytes, powersgd_reference_bytes
+from launch.traffic import (POWERSGD_MIN_COMPRESSION_RATE, POWERSGD_RANK, POWERSGD_START_ITER, comm_delta,
+                            comm_totals, ddp_reference_bytes, fmt_bytes, powersgd_reference_bytes)
 
 
 @dataclass
@@ -48,11 +49,14 @@ class Run:
         """Bytes per element of DDP's all-reduce: 2 with torch's bf16 compress hook, else 4."""
         return 2 if self.args.grad_comm == "bf16" and not self.sharded else 4
 
+    @functools.cached_property
+    def powersgd_bytes(self) -> float:
+        return powersgd_reference_bytes([p.shape for p in self.core.parameters() if p.requires_grad], self.d.world)
+
     def ddp_step_bytes(self, step: int) -> float:
         """Bytes one rank sends in DDP's all-reduce(s) at (1-based) ``step`` (ring cost model)."""
         if self.args.grad_comm == "powersgd" and step > POWERSGD_START_ITER:
-            return powersgd_reference_bytes([p.shape for p in self.core.parameters() if p.requires_grad],
-                                            self.d.world, POWERSGD_RANK, POWERSGD_MIN_COMPRESSION_RATE)
+            return self.powersgd_bytes
         return ddp_reference_bytes(self.n_params, self.d.world, self.grad_bytes)
 
     @property

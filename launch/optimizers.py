@@ -23,12 +23,6 @@ SHARDED = ("sharded_leo", "sharded_lion")
 DEFAULT_LR = {"leo": 1e-3, "lion": 3e-4, "adamw": 2e-3}
 DEFAULT_WD = {"leo": 0.01, "lion": 0.1, "adamw": 0.1}
 DEFAULT_BETAS = {"leo": (0.9, 0.99), "lion": (0.9, 0.99), "adamw": (0.9, 0.95)}
-# DDP's PowerSGD hook as the slow-link suite runs it (benchmarks/slow_link/configs.py): rank-4
-# factors, plain all-reduce for the first 10 steps (torch's advice: let the gradients settle
-# before compressing), compression only where it is at least 2x.
-POWERSGD_RANK = 4
-POWERSGD_START_ITER = 10
-POWERSGD_MIN_COMPRESSION_RATE = 2.0
 
 
 def family(optimizer: str) -> str:

@@ -29,21 +29,38 @@ def ddp_reference_bytes(n_params: int, world: int, bytes_per_elem: int = 4) -> f
     return 2.0 * (world - 1) / world * bytes_per_elem * n_params
 
 
-def powersgd_reference_bytes(shapes, world: int, rank: int, min_compression_rate: float) -> float:
-    """Bytes one rank sends per compressed step of torch's PowerSGD hook (ring cost model).
+# DDP's PowerSGD hook as the demo (launch/loop.py) and the slow-link suite
+# (benchmarks/slow_link/configs.py) run it: rank-4 factors, plain all-reduce for the first 10
+# steps (torch's advice: let the gradients settle before compressing), compression only where it
+# is at least 2x.
+POWERSGD_RANK = 4
+POWERSGD_START_ITER = 10
+POWERSGD_MIN_COMPRESSION_RATE = 2.0
 
-    As the hook decides: a tensor viewed as ``(shape[0], -1)`` travels as its rank-``rank`` factors
-    P and Q (``(rows + cols)·rank`` fp32 elements, two all-reduces) when that is at least
-    ``min_compression_rate`` times smaller, otherwise (and for 1-D tensors) uncompressed in fp32.
-    """
-    elems = 0
+
+def powersgd_split(shapes, rank: int = POWERSGD_RANK,
+                   min_compression_rate: float = POWERSGD_MIN_COMPRESSION_RATE) -> tuple[int, int]:
+    """(elements all-reduced uncompressed, elements of the P and Q factors) of one compressed step
+    of torch's PowerSGD hook, as it decides: a tensor viewed as ``(shape[0], -1)`` travels as its
+    rank-``rank`` factors (``(rows + cols)·rank`` fp32 elements) when that is at least
+    ``min_compression_rate`` times smaller, otherwise (and for 1-D tensors) uncompressed."""
+    plain = factors = 0
     for shape in shapes:
         numel = math.prod(shape)
-        rows = shape[0] if len(shape) >= 2 else 0
-        cols = numel // rows if rows else 0
-        compress = rows and (rows + cols) * rank * min_compression_rate < numel
-        elems += (rows + cols) * rank if compress else numel
-    return ddp_reference_bytes(elems, world)
+        if len(shape) < 2:
+            plain += numel
+            continue
+        rows, cols = shape[0], numel // shape[0]
+        if (rows + cols) * rank * min_compression_rate < numel:
+            factors += (rows + cols) * rank
+        else:
+            plain += numel
+    return plain, factors
+
+
+def powersgd_reference_bytes(shapes, world: int) -> float:
+    """Bytes one rank sends per compressed step of the PowerSGD hook (ring cost model, fp32)."""
+    return ddp_reference_bytes(sum(powersgd_split(shapes)), world)
 
 
 def fmt_bytes(n: float | None) -> str:

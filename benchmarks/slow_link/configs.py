@@ -12,8 +12,15 @@ them with that reason until the library grows the mode, after which they join th
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+# PowerSGD's settings and split are the demo's (no torch import: launch.traffic is pure Python)
+from launch.traffic import (POWERSGD_MIN_COMPRESSION_RATE, POWERSGD_RANK, POWERSGD_START_ITER,  # noqa: E402
+                            powersgd_split)
 
 __all__ = ["Config", "Phase", "REGISTRY", "register", "get", "default_names", "HYPER", "model_shapes",
            "DDP_BUCKET_BYTES", "LEO_BUCKET_BYTES", "POWERSGD_RANK",
@@ -28,14 +35,12 @@ HYPER = {
 }
 DDP_BUCKET_BYTES = 25 * 2**20
 LEO_BUCKET_BYTES = 25 * 2**20
-POWERSGD_RANK = 4
-# PowerSGD runs plain all-reduce for its first iterations (torch's recommended warm-up); the
-# benchmark's timed windows start after it, so they measure the compressed steady state.
-POWERSGD_START_ITER = 10
+# PowerSGD runs plain all-reduce for its first POWERSGD_START_ITER iterations (torch's
+# recommended warm-up); the benchmark's timed windows start after it, so they measure the
+# compressed steady state.
+POWERSGD_BUCKET_BYTES = 1024 * 2**20
 # exact steps before 1-bit gradients in the suite's configurations (see _sharded)
 SUITE_1BIT_WARMUP = 10
-POWERSGD_MIN_COMPRESSION_RATE = 2.0
-POWERSGD_BUCKET_BYTES = 1024 * 2**20
 
 
 @dataclass(frozen=True)
@@ -159,18 +164,7 @@ def cost_zero(shapes: Shapes, world: int) -> list[Phase]:
 
 def _powersgd_split(shapes: Shapes, rank: int) -> tuple[int, int]:
     """Elements all-reduced uncompressed, and elements of the P and Q factors."""
-    plain = factors = 0
-    for s in shapes.shapes:
-        numel = math.prod(s)
-        if len(s) < 2:
-            plain += numel
-            continue
-        rows, cols = s[0], numel // s[0]
-        if (rows + cols) * rank * POWERSGD_MIN_COMPRESSION_RATE < rows * cols:
-            factors += (rows + cols) * rank
-        else:
-            plain += numel
-    return plain, factors
+    return powersgd_split(shapes.shapes, rank, POWERSGD_MIN_COMPRESSION_RATE)
 
 
 def cost_powersgd(shapes: Shapes, world: int) -> list[Phase]:
