@@ -79,6 +79,7 @@ class DeferredUpdates:
         self._filled = True   # every gradient of the streamed step has been read (sent)
         self._done = True     # the streamed step's program has ended
         self._error: BaseException | None = None
+        self._published: set[int] = set()  # buckets whose gathers the sender started
 
     @property
     def registered(self) -> bool:
@@ -127,6 +128,7 @@ class DeferredUpdates:
     def publish(self, bi: int, flight: InFlight) -> None:
         with self._cond:
             self._pending[bi] = flight
+            self._published.add(bi)
             self._expected.discard(bi)
             self._cond.notify_all()
 
@@ -166,8 +168,21 @@ class DeferredUpdates:
                 self._await(lambda: bi not in self._expected)
             with self._cond:
                 flight = self._pending.pop(bi, None)
+                streamed = bi in self._published
+                self._published.discard(bi)
             if flight is not None:
-                flight.finish()
+                try:
+                    flight.finish()
+                except RuntimeError as e:
+                    if not streamed:
+                        raise
+                    # the sender's gather of this bucket failed: the same report as a failure the
+                    # sender saw itself, and every later waiter raises too (replicas may differ)
+                    with self._cond:
+                        self._error = e
+                        self._cond.notify_all()
+                    raise RuntimeError("leo_dist: the streamed step failed on the background sender "
+                                       f"({type(e).__name__}: {e})") from e
 
     def complete_all(self) -> None:
         self._await(lambda: self._done)

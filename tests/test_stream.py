@@ -182,3 +182,36 @@ def test_a_peer_that_dies_mid_stream_makes_the_forward_raise(tmp_path):
     assert out[1] == 17
     assert "streamed step failed on the background sender" in out[0]["message"], out[0]
     assert out[0]["waited"] < 30, out[0]
+
+
+def test_a_failed_wait_on_a_streamed_bucket_is_the_same_report_and_sticks():
+    # which of the two sees a dead peer first, the sender or the forward's wait, is a race:
+    # either way the forward raises the same report, and later waits raise as well
+    from leo_dist.deferred import DeferredUpdates
+    from leo_dist.partition import Layout
+
+    class Broken:
+        def finish(self):
+            raise leo_dist.collectives.CollectiveError("bucket 0", RuntimeError("Read error"))
+
+    class Applied:
+        done = False
+
+        def finish(self):
+            self.done = True
+
+    deferred = DeferredUpdates(Layout([[(torch.zeros(4), "sign")]], world=1, rank=0, bucket_bytes=64))
+    deferred.expect([0, 1])
+    deferred.publish(0, Broken())
+    deferred.publish(1, applied := Applied())
+    with pytest.raises(RuntimeError, match=r"streamed step failed on the background sender \(CollectiveError: bucket 0"):
+        deferred.complete([0])
+    with pytest.raises(RuntimeError, match="streamed step failed"):
+        deferred.wait_done()
+    assert not applied.done
+    # a bucket that step() itself left in flight (not streamed) raises its own error unchanged
+    deferred.expect([])
+    deferred.end(None)
+    deferred._pending[0] = Broken()
+    with pytest.raises(leo_dist.collectives.CollectiveError, match="^bucket 0: RuntimeError: Read error"):
+        deferred.complete([0])
