@@ -188,6 +188,10 @@ def main(argv=None):
     # Dropping the model first leaves the last reference to destroy_process_group, which
     # releases the GIL.
     del model, opt
+    # A rank that tears gloo down while a peer is still finishing the last collective (here DCP's
+    # closing broadcast, or the loss all-reduce) can abort that peer with "terminate called without
+    # an active exception" (seen once in CI): leave together.
+    dist.barrier()
     dist.destroy_process_group()
 
 
