@@ -19,13 +19,14 @@ from leo_dist.partition import Layout
 STEPS = 6
 
 
-def _run(rank, world, kind, g, grad_comm, hook, steps, overlap=None, warmup=0):
+def _run(rank, world, kind, g, grad_comm, hook, steps, overlap=None, warmup=0, update_comm=None):
     """Train the SHAPES model ``steps`` steps with ``ranks_per_node=g`` (None: flat); standalone
     (``.grad`` set) or through a DDP-like hook path (``opt._attach_hook`` + ``stage``)."""
     params = make_params()
     cls = leo_dist.ShardedLeo if kind == "leo" else leo_dist.ShardedLion
+    extra = {} if update_comm is None else {"update_comm": update_comm}
     opt = cls(groups_for(params, kind), bucket_mb=1e-4, grad_comm=grad_comm, ranks_per_node=g,
-              overlap_grads=overlap, grad_comm_warmup=warmup)
+              overlap_grads=overlap, grad_comm_warmup=warmup, **extra)
     exchange = opt._attach_hook(None) if hook else None
     hashes = []
     for step in range(steps):
@@ -73,6 +74,35 @@ def test_exact_modes_match_oracle_and_flat(world, g):
                     assert torch.equal(got, want), (key, i, rel_err(got, want))
                     assert torch.equal(got, ref), (key, i)
 
+
+
+def _leo_update_modes(rank, world, g):
+    out = {}
+    for update_comm in ("bf16", "1bit"):
+        out[(update_comm, "flat")] = _run(rank, world, "leo", None, "fp32", False, STEPS, update_comm=update_comm)
+        for hook in (False, True):
+            out[(update_comm, hook)] = _run(rank, world, "leo", g, "fp32", hook, STEPS, update_comm=update_comm)
+    return out
+
+
+@pytest.mark.parametrize("world,g", [(4, 2), (3, 1)])
+def test_leo_matrix_update_modes_match_the_flat_exchange(world, g):
+    # the recommended ShardedLeo (bf16 or 1-bit matrix updates) routed through the two-level exchange:
+    # the update bytes (bf16 values, or bits plus one all-reduced scale per row) are those of the flat
+    # exchange, the sign paths bitwise, the matrices up to the order of the norms' sums
+    out = run_ranks(_leo_update_modes, world, g)
+    for update_comm in ("bf16", "1bit"):
+        flat = out[0][(update_comm, "flat")]
+        for hook in (False, True):
+            runs = [o[(update_comm, hook)] for o in out]
+            assert all(r["hashes"] == runs[0]["hashes"] for r in runs), (update_comm, hook)
+            assert all(r["replicas"] for r in runs), (update_comm, hook)
+            assert any(k.endswith(":inter") for k in runs[0]["stats"]) == (world // g > 1), runs[0]["stats"]
+            for i, (got, ref) in enumerate(zip(runs[0]["params"], flat["params"])):
+                if i < len(SHAPES) // 2 and got.ndim == 2:
+                    assert rel_err(got, ref) <= 2e-6, (update_comm, hook, i)
+                else:
+                    assert torch.equal(got, ref), (update_comm, hook, i)
 
 def _bytes(rank, world, g):
     out = {mode: _run(rank, world, "lion", g, mode, False, 2) for mode in ("fp32", "bf16", "1bit")}

@@ -381,7 +381,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="rebuild the slow-link report from raw/")
     ap.add_argument("out", nargs="?", default=os.path.join(os.path.dirname(os.path.dirname(HERE)), "docs", "results",
                                                            "slow_link"))
-    ap.add_argument("--target-loss", type=float, default=2.85)
+    ap.add_argument("--target-loss", type=float, default=configs.TARGET_LOSS)
     ap.add_argument("--run", default=None, help="only this run id")
     a = ap.parse_args()
     build(a.out, a.target_loss, a.run)

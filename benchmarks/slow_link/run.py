@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=4, help="sequences per rank per step (default 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target-loss", type=float, default=None,
-                    help="validation loss for 'time to target' (default: 2.85; --quick: 3.6)")
+                    help=f"validation loss for 'time to target' (default: {configs.TARGET_LOSS}; --quick: 3.6)")
     ap.add_argument("--out", default=None, help="output directory (default docs/results/slow_link)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table, CSVs and plots from raw/")
     ap.add_argument("--full-twins", action="store_true",
@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.out is None:
             args.out = tempfile.mkdtemp(prefix="slow_link_quick_")
     if args.target_loss is None:
-        args.target_loss = 3.6 if args.quick else 2.85
+        args.target_loss = 3.6 if args.quick else configs.TARGET_LOSS
     if args.out is None:
         args.out = os.path.join(ROOT, "docs", "results", "slow_link")
     args.world_sizes = [int(w) for w in args.world_sizes.split(",") if w]

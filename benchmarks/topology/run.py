@@ -52,7 +52,7 @@ OPTIONS = (
     ("--timed-steps", int, 5, "steps timed at each rate"),
     ("--window-at", int, 12, "first timed step (after DDP's bucket rebuild and PowerSGD's warm-up)"),
     ("--eval-every", int, 10, "validation loss every N steps"),
-    ("--target-loss", float, 2.85, "validation loss of the time-to-target column (the slow-link suite's)"),
+    ("--target-loss", float, topo_configs.configs.TARGET_LOSS, "validation loss of the time-to-target column (the slow-link suite's)"),
     ("--preset", str, "10m", "launch/gpt.py model preset"),
     ("--batch-size", int, 4, "sequences per rank per step"),
     ("--seed", int, 0, "model init and data order"),
@@ -124,7 +124,7 @@ def run_one(tb: testbed.Testbed, cfg, index: int, args, raw_dir: str) -> dict | 
     return rec
 
 
-def rows_from(recs: list[dict], target: float = 2.85) -> list[dict]:
+def rows_from(recs: list[dict], target: float = topo_configs.configs.TARGET_LOSS) -> list[dict]:
     """One row per (configuration, rate). Time to target = steps to ``target`` (validation loss,
     interpolated between evaluations; the training runs unshaped outside the timed windows, as in
     the slow-link suite) × the median step time at that rate."""

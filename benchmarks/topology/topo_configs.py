@@ -50,7 +50,7 @@ def get(names: str | None) -> list[configs.Config]:
 
 
 # ------------------------------------------------------------------ topology-aware (issue 12)
-def cost_hierarchical(grad_bytes: float, leo: bool = False):
+def cost_hierarchical(grad_bytes: float, leo: bool = False, update_bits: bool = False):
     """Bytes per rank and level of the two-level exchange (leo_dist/topology.py) with G ranks per
     node (torchrun's LOCAL_WORLD_SIZE, 2 on the testbed): float32 all-to-all inside the node,
     the node's sums across nodes in the wire dtype, update bits across nodes once per node."""
@@ -61,7 +61,8 @@ def cost_hierarchical(grad_bytes: float, leo: bool = False):
         m = world // g
         n = shapes.numel
         n_mat = sum(math.prod(s) for s, mat in zip(shapes.shapes, shapes.leo_matrix) if mat) if leo else 0
-        upd = (n - n_mat) / 8 + 4 * n_mat  # bits, plus Leo's exact matrix updates at fp32
+        # bits, plus Leo's matrix updates: exact (fp32) or, with update_comm="1bit", bits too
+        upd = (n - n_mat) / 8 + (n_mat / 8 if update_bits else 4 * n_mat)
         calls = configs._buckets(4 * n, configs.LEO_BUCKET_BYTES)
         return [configs.Phase("all_to_all intra (fp32 grads)", (g - 1) / g * 4 * n, calls),
                 configs.Phase("reduce_scatter inter (node sums)", (m - 1) / m * n / g * grad_bytes, calls),
@@ -104,6 +105,19 @@ if "leo_lion_bf16_hier_overlap_b2_nostream" not in configs.REGISTRY:
         configs._sharded("lion", "bf16", True, ranks_per_node="auto", overlap_updates=True, bucket_mb=2,
                          stream=False),
         cost_hierarchical(2), leo_dist=True, probe=configs._probe_sharded("lion", "bf16", hook=True), default=False))
+
+# ShardedLeo as recommended (bf16 gradients, 1-bit matrix updates) and at one bit on both sides,
+# two-level, with the same overlap; flat twins: leo_leo_<grad>_1bit_ddp_overlap_b2
+for _grad, _gb in (("bf16", 2), ("1bit", 1 / 8 + 4 / 1024)):
+    _name = f"leo_leo_{_grad}_1bit_hier_overlap_b2"
+    if _name not in configs.REGISTRY:
+        configs.register(configs.Config(
+            _name, f"ShardedLeo, {_grad} grads, 1-bit matrix updates, topology-aware, DDP hook, overlap_updates, "
+            "2 MB buckets", "leo", "leo-1bit" if _grad == "bf16" else "leo-1bit-1bit",
+            configs._sharded("leo", _grad, True, update_comm="1bit", ranks_per_node="auto", overlap_updates=True,
+                             bucket_mb=2),
+            cost_hierarchical(_gb, leo=True, update_bits=True), lossy=True, leo_dist=True,
+            probe=configs._probe_sharded("leo", _grad, update_comm="1bit", hook=True), default=False))
 
 HIERARCHICAL = ("leo_lion_fp32_hier", "leo_lion_bf16_hier", "leo_lion_1bit_hier", "leo_leo_bf16_hier")
 DEFAULT = DEFAULT + HIERARCHICAL
