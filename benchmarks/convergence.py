@@ -38,6 +38,8 @@ CONFIGS = {
     "leo grad_comm=1bit": LEO + ["--grad-comm", "1bit"],
     "leo grad_comm=1bit, warm-up 10": LEO + ["--grad-comm", "1bit", "--grad-comm-warmup", "10"],
     "leo grad_comm=1bit, warm-up 50": LEO + ["--grad-comm", "1bit", "--grad-comm-warmup", "50"],
+    # one bit on both sides: the slow-link suite's fastest Leo to its target at W=2 (docs/benchmarks.md)
+    "leo grad_comm=1bit, update_comm=1bit": LEO + ["--grad-comm", "1bit", "--update-comm", "1bit"],
     "lion exact": ["--optimizer", "sharded_lion"],
     "lion grad_comm=1bit": ["--optimizer", "sharded_lion", "--grad-comm", "1bit"],
     "lion grad_comm=1bit, warm-up 10": ["--optimizer", "sharded_lion", "--grad-comm", "1bit", "--grad-comm-warmup", "10"],
