@@ -100,6 +100,35 @@ def report(runs: dict, preset: str, steps: int, out: str, command: str, batch: i
     return text
 
 
+def gaps(runs: dict, world: int, preset: str, steps: int, points=(100, 200, 300, 500, 700, 900, 1000),
+         window: int = 50) -> str:
+    """Markdown table: training loss of every configuration against the same optimizer exact
+    ("leo exact" or "lion exact"), mean over the seeds both ran, each loss averaged over the
+    ``window`` steps before the point (the demo logs every 10 steps)."""
+    def curve(config, seed):
+        r = runs.get(_key(config, world, seed, preset, steps))
+        return None if r is None else dict(r["losses"])
+
+    lines = ["| configuration | " + " | ".join(map(str, points)) + " |", "|---|" + "---|" * len(points)]
+    for config in CONFIGS:
+        ref = "lion exact" if config.startswith("lion") else "leo exact"
+        if config in (ref, "adamw (DDP)"):
+            continue
+        pairs = [(curve(config, s), curve(ref, s)) for s in range(16)]
+        pairs = [(a, b) for a, b in pairs if a and b]
+        if not pairs:
+            continue
+        cells = []
+        for point in points:
+            rel = []
+            for a, b in pairs:
+                keys = [k for k in a if point - window < k <= point and k in b]
+                rel.append(sum(a[k] for k in keys) / sum(b[k] for k in keys) - 1)
+            cells.append(f"{100 * sum(rel) / len(rel):+.2f}%")
+        lines.append(f"| {config} (vs {ref}, {len(pairs)} seeds) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
@@ -109,10 +138,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="sequences per rank and step")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "convergence", "convergence"))
+    ap.add_argument("--gaps", action="store_true",
+                    help="print training loss against the same optimizer exact along the schedule, run nothing")
     args = ap.parse_args()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     path = args.out + ".json"
     runs = json.load(open(path))["runs"] if os.path.exists(path) else {}
+    if args.gaps:
+        for world in args.worlds:
+            print(f"W={world}\n" + gaps(runs, world, args.preset, args.steps))
+        return
     command = (f".venv/bin/python benchmarks/convergence.py --preset {args.preset} --steps {args.steps} "
                f"--worlds {' '.join(map(str, args.worlds))} --seeds {' '.join(map(str, args.seeds))}"
                + (f" --batch-size {args.batch_size}" if args.batch_size != DEFAULT_BATCH else ""))
