@@ -586,8 +586,9 @@ class ShardedLion(_ShardedOptimizer):
         grad_comm_warmup: with grad_comm="1bit", the first steps that exchange fp32 instead (default
             50). Early gradients change scale fast and error feedback then owes more than it
             sends: with 10 exact steps Leo lost 3-4% of final loss in 300 steps, with 50 within
-            ±0.3% of exact (3 seeds, docs/onebit_modes.md, docs/convergence.md). Short runs that
-            must compress sooner can lower it, at that cost.
+            ±0.3% of exact (3 seeds, docs/onebit_modes.md). Over a whole 1000-step schedule
+            1-bit gradients still cost about 2%, as PowerSGD rank 4 does (docs/convergence.md).
+            Short runs that must compress sooner can lower it, at that cost.
         bucket_mb: bucket size in MiB of fp32 gradient (default 25).
         momentum_dtype: float32 (default) or bfloat16.
         fused: None/True/False, as for :class:`leo_dist.Lion`.
