@@ -109,12 +109,13 @@ def gaps(runs: dict, world: int, preset: str, steps: int, points=(100, 200, 300,
         r = runs.get(_key(config, world, seed, preset, steps))
         return None if r is None else dict(r["losses"])
 
+    seeds = sorted({r["seed"] for r in runs.values() if "seed" in r})
     lines = ["| configuration | " + " | ".join(map(str, points)) + " |", "|---|" + "---|" * len(points)]
     for config in CONFIGS:
         ref = "lion exact" if config.startswith("lion") else "leo exact"
         if config in (ref, "adamw (DDP)"):
             continue
-        pairs = [(curve(config, s), curve(ref, s)) for s in range(16)]
+        pairs = [(curve(config, s), curve(ref, s)) for s in seeds]
         pairs = [(a, b) for a, b in pairs if a and b]
         if not pairs:
             continue

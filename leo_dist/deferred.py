@@ -63,6 +63,11 @@ from .signs import InFlight, Packed, start_packed
 __all__ = ["DeferredUpdates"]
 
 
+def _sender_failure(error: BaseException) -> RuntimeError:
+    return RuntimeError("leo_dist: the streamed step failed on the background sender "
+                        f"({type(error).__name__}: {error})")
+
+
 class DeferredUpdates:
     """The buckets whose update all-gathers ``step()`` left in flight, and the module pre-hooks
     that apply them."""
@@ -158,8 +163,7 @@ class DeferredUpdates:
             while not ready() and self._error is None:
                 self._cond.wait()
             if self._error is not None:  # some bucket was never applied: replicas may differ
-                raise RuntimeError("leo_dist: the streamed step failed on the background sender "
-                                   f"({type(self._error).__name__}: {self._error})") from self._error
+                raise _sender_failure(self._error) from self._error
 
     # --------------------------------------------------------------- applying
     def complete(self, buckets: list[int]) -> None:
@@ -181,8 +185,7 @@ class DeferredUpdates:
                     with self._cond:
                         self._error = e
                         self._cond.notify_all()
-                    raise RuntimeError("leo_dist: the streamed step failed on the background sender "
-                                       f"({type(e).__name__}: {e})") from e
+                    raise _sender_failure(e) from e
 
     def complete_all(self) -> None:
         self._await(lambda: self._done)

@@ -11,7 +11,7 @@ import convergence  # noqa: E402
 
 def _run(config, seed, scale):
     losses = [[step, scale * (5.0 - step / 250)] for step in range(10, 1001, 10)]
-    return {convergence._key(config, 2, seed, "tiny", 1000): dict(config=config, losses=losses)}
+    return {convergence._key(config, 2, seed, "tiny", 1000): dict(config=config, seed=seed, losses=losses)}
 
 
 def test_gaps_compare_each_configuration_with_its_own_exact_run_on_shared_seeds():

@@ -75,7 +75,6 @@ def test_exact_modes_match_oracle_and_flat(world, g):
                     assert torch.equal(got, ref), (key, i)
 
 
-
 def _leo_update_modes(rank, world, g):
     out = {}
     for update_comm in ("bf16", "1bit"):
@@ -103,6 +102,7 @@ def test_leo_matrix_update_modes_match_the_flat_exchange(world, g):
                     assert rel_err(got, ref) <= 2e-6, (update_comm, hook, i)
                 else:
                     assert torch.equal(got, ref), (update_comm, hook, i)
+
 
 def _bytes(rank, world, g):
     out = {mode: _run(rank, world, "lion", g, mode, False, 2) for mode in ("fp32", "bf16", "1bit")}
