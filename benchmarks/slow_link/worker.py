@@ -93,6 +93,7 @@ def main() -> None:
         return get_batch(train_ids, args.batch_size, gcfg.block_size, g)
 
     phases: list[tuple[float, float, float]] = []  # per step: forward, backward, step() seconds
+    marks: list[tuple[float, float, float, float]] = []  # per step: perf_counter at its phase boundaries
 
     def train_step(step: int) -> float:
         factor = min(1.0, step / args.lr_warmup) if args.lr_warmup > 0 else 1.0
@@ -106,7 +107,9 @@ def main() -> None:
         t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+        t3 = time.perf_counter()
+        phases.append((t1 - t0, t2 - t1, t3 - t2))
+        marks.append((t0, t1, t2, t3))
         return loss.item()
 
     @torch.no_grad()
@@ -148,7 +151,7 @@ def main() -> None:
                     before = netns.read_counters()
                 dist.barrier()
                 times, t_prev = [], time.perf_counter()
-                del phases[:]
+                del phases[:], marks[:]
                 for _ in range(k):
                     record["train_loss"].append(train_step(step))
                     now = time.perf_counter()
@@ -170,6 +173,7 @@ def main() -> None:
                                                   forward_s=[ph[0] for ph in phases],
                                                   backward_s=[ph[1] for ph in phases],
                                                   opt_step_s=[ph[2] for ph in phases],
+                                                  step_marks=list(marks),
                                                   tx_bytes=delta.tx_bytes, tx_packets=delta.tx_packets,
                                                   tcp_retrans=delta.tcp_retrans, qdisc_drops=delta.qdisc_drops,
                                                   library_sent_per_rank=stats and stats["sent"],
@@ -189,6 +193,9 @@ def main() -> None:
                 print(f"[{cfg.name} W={world}] step {step}: val {record['evals'][-1][1]:.4f}", flush=True)
         step += 1
 
+    # a run whose last step was timed has not been evaluated since (the windows skip evaluations)
+    if record["evals"][-1][0] != args.steps:
+        record["evals"].append((args.steps, evaluate()))
     # Every configuration keeps identical replicas; check it, so a broken setup cannot pass unseen.
     with torch.no_grad():
         flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])

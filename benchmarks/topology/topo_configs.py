@@ -97,6 +97,17 @@ for _grad, _gb in (("bf16", 2), ("1bit", 1 / 8 + 4 / 1024)):
             configs._sharded("lion", _grad, True, ranks_per_node="auto", overlap_updates=True, bucket_mb=2),
             cost_hierarchical(_gb), lossy=_grad == "1bit", leo_dist=True,
             probe=configs._probe_sharded("lion", _grad, hook=True), default=False))
+# ... and with larger buckets: on the testbed's 2 cores every bucket's collectives, hooks and
+# messages cost CPU, which 4 ranks share (docs/topology.md, "Where the two-level step's time goes")
+for _mb, _suffix in ((None, ""), (8, "_b8")):
+    _name = f"leo_lion_bf16_hier_overlap{_suffix}"
+    if _name not in configs.REGISTRY:
+        configs.register(configs.Config(
+            _name, f"ShardedLion, bf16 grads, topology-aware, DDP hook, overlap_updates, {_mb or 25} MB buckets",
+            "lion", "lion", configs._sharded("lion", "bf16", True, ranks_per_node="auto", overlap_updates=True,
+                                             bucket_mb=_mb),
+            cost_hierarchical(2), leo_dist=True, probe=configs._probe_sharded("lion", "bf16", hook=True),
+            default=False))
 # the same without streamed steps (an A/B of docs/overlap.md, "Streamed steps")
 if "leo_lion_bf16_hier_overlap_b2_nostream" not in configs.REGISTRY:
     configs.register(configs.Config(

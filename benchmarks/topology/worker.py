@@ -45,6 +45,10 @@ def main() -> None:
     view = types.SimpleNamespace(**{k: getattr(netns, k) for k in netns.__all__})
     view.shape, view.unshape, view.read_counters = shape, unshape, read_counters
     slow_worker.netns = view
+    if os.environ.get("LEO_TOPO_TRACE"):  # diagnosis only (link_trace.py)
+        import link_trace
+        config = sys.argv[sys.argv.index("--config") + 1]
+        link_trace.install(config, nodes[int(os.environ.get("GROUP_RANK", "0"))].veth)
     slow_worker.main()
 
     out = sys.argv[sys.argv.index("--out") + 1]
