@@ -100,11 +100,15 @@ def report(runs: dict, preset: str, steps: int, out: str, command: str, batch: i
     return text
 
 
-def gaps(runs: dict, world: int, preset: str, steps: int, points=(100, 200, 300, 500, 700, 900, 1000),
-         window: int = 50) -> str:
+def gaps(runs: dict, world: int, preset: str, steps: int, points=None, window: int | None = None) -> str:
     """Markdown table: training loss of every configuration against the same optimizer exact
     ("leo exact" or "lion exact"), mean over the seeds both ran, each loss averaged over the
-    ``window`` steps before the point (the demo logs every 10 steps)."""
+    ``window`` steps before the point (the demo logs every 10 steps). By default the points are
+    10, 20, 30, 50, 70, 90 and 100% of the schedule and the window 5% of it."""
+    if points is None:
+        points = tuple(round(steps * f) for f in (0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0))
+    if window is None:
+        window = max(10, round(steps * 0.05))
     def curve(config, seed):
         r = runs.get(_key(config, world, seed, preset, steps))
         return None if r is None else dict(r["losses"])
