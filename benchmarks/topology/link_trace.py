@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 
+import testbed
+
 
 class Tracer:
     def __init__(self, out: str, veth: str, sample: bool):
@@ -39,19 +41,14 @@ class Tracer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True, name="leo-topo-trace")
 
-    def _read(self) -> tuple[int, int, int, int, int]:
-        tx = rx = lo = 0
+    def _read(self) -> tuple[int, int, int, int, int, int]:
         with open("/proc/stat") as f:  # machine-wide: jiffies of all CPUs, and the idle ones
             cpu = [int(x) for x in f.readline().split()[1:]]
         with open("/proc/self/net/dev") as f:
-            for line in f.readlines()[2:]:
-                name, rest = line.split(":", 1)
-                cols = rest.split()
-                if name.strip() == self.veth:
-                    rx, tx = int(cols[0]), int(cols[8])
-                elif name.strip() == "lo":
-                    lo = int(cols[8])
-        return tx, rx, lo, sum(cpu), cpu[3] + cpu[4], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            dev = testbed.parse_proc_net_dev(f.read())
+        veth, lo = dev[self.veth], dev["lo"]
+        return (veth["tx_bytes"], veth["rx_bytes"], lo["tx_bytes"], sum(cpu), cpu[3] + cpu[4],
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -99,31 +96,36 @@ def install(config: str, veth: str) -> None:
     Tracer(os.path.join(d, f"{config}.rank{rank}.json"), veth, sample=rank == 0).start()
 
 
+def _between(samples, a: float, b: float) -> list:
+    """The samples taken in [a, b)."""
+    return [s for s in samples if a <= s[0] < b]
+
+
 def _rates(samples, a: float, b: float, col: int, width: float = 0.02) -> list[float]:
     """Bytes/s of counter ``col`` in consecutive ``width`` bins of [a, b) (from the first and last
     sample of each bin)."""
     out = []
     for j in range(max(1, round((b - a) / width))):
-        k = a + j * width
-        inside = [s for s in samples if k <= s[0] < k + width]
+        inside = _between(samples, a + j * width, a + (j + 1) * width)
         out.append((inside[-1][col + 1] - inside[0][col + 1]) / (inside[-1][0] - inside[0][0])
                    if len(inside) > 1 and inside[-1][0] > inside[0][0] else 0.0)
     return out
 
 
-def report(trace_path: str, raw_path: str, events_dir: str | None = None, rate: float = 100e6 / 8,
-           width: float = 0.02) -> str:
+def report(trace_path: str, raw_path: str, rate: float = 100e6 / 8, width: float = 0.02) -> str:
     """Per timed step of rank 0: phases, seconds the veth carried ≥ 20% of ``rate`` (tx, rx),
     seconds neither direction did, per phase; the sender thread's seconds in each traced call."""
     tr = json.load(open(trace_path))
     raw = json.load(open(raw_path))
-    samples, events = tr["samples"], tr["events"]
+    events = tr["events"]
     calls = ("_node_stage", "_take", "_finish_oldest", "all_gather_start", "wait")
     lines = ["| step | total | fwd | bwd | step() | tx busy | rx busy | idle in fwd | in bwd | in step() | "
              + " | ".join(f"sender {c}" for c in calls) + " | main wait | CPU busy fwd / bwd / step() | rank 0 page faults, MiB |",
              "|---|" + "---|" * (12 + len(calls))]
     for w in raw["windows"]:
         for i, (t0, t1, t2, t3) in enumerate(w.get("step_marks", [])):
+            samples = _between(tr["samples"], t0, t3 + width)  # this step's, scanned once
+
             def busy(a, b, cols=(0, 1)):
                 per = [_rates(samples, a, b, c, width) for c in cols]
                 return width * sum(max(x) >= 0.2 * rate for x in zip(*per))
@@ -133,13 +135,13 @@ def report(trace_path: str, raw_path: str, events_dir: str | None = None, rate: 
             idle = [(b - a) - busy(a, b) for a, b in ((t0, t1), (t1, t2), (t2, t3))]
 
             def faults(a, b):
-                inside = [s for s in samples if a <= s[0] <= b]
+                inside = _between(samples, a, b)
                 if len(inside) < 2 or len(inside[0]) < 7:  # traces from before the column
                     return float("nan")
                 return (inside[-1][6] - inside[0][6]) * 4096 / 2**20
 
             def cpu(a, b):  # share of the machine's CPU time that was not idle (jiffies: 10 ms)
-                inside = [s for s in samples if a <= s[0] <= b]
+                inside = _between(samples, a, b)
                 if len(inside) < 2 or inside[-1][4] == inside[0][4]:
                     return float("nan")
                 return 1 - (inside[-1][5] - inside[0][5]) / (inside[-1][4] - inside[0][4])
@@ -155,7 +157,7 @@ def timeline(trace_path: str, raw_path: str, step_index: int = 2, width: float =
     """One timed step, ``width`` bins: link MB/s both ways and lo, with the phase each bin is in."""
     tr, raw = json.load(open(trace_path)), json.load(open(raw_path))
     t0, t1, t2, t3 = raw["windows"][0]["step_marks"][step_index]
-    rows, k = [], t0
+    rows = []
     cols = [_rates(tr["samples"], t0, t3, c, width) for c in range(3)]
     for j, (tx, rx, lo) in enumerate(zip(*cols)):
         at = t0 + j * width

@@ -87,27 +87,19 @@ if "leo_leo_bf16_hier" not in configs.REGISTRY:
         leo_dist=True, probe=configs._probe_sharded("leo", "bf16"), default=False))
 
 # ... with issue 16's overlap (background gradient exchange, update all-gathers behind the next
-# forward, 2 MiB buckets as prepare() picks for this model); flat twin: leo_lion_<grad>_ddp_overlap_b2
-for _grad, _gb in (("bf16", 2), ("1bit", 1 / 8 + 4 / 1024)):
-    _name = f"leo_lion_{_grad}_hier_overlap_b2"
+# forward, 2 MiB buckets as prepare() picks for this model); flat twin: leo_lion_<grad>_ddp_overlap_b2.
+# bf16 also with larger buckets: on the testbed's 2 cores every bucket's collectives, hooks and
+# messages cost CPU, which 4 ranks share (docs/topology.md, "Where the two-level step's time goes")
+for _grad, _gb, _mb, _suffix in (("bf16", 2, 2, "_b2"), ("1bit", 1 / 8 + 4 / 1024, 2, "_b2"),
+                                 ("bf16", 2, None, ""), ("bf16", 2, 8, "_b8")):
+    _name = f"leo_lion_{_grad}_hier_overlap{_suffix}"
     if _name not in configs.REGISTRY:
         configs.register(configs.Config(
-            _name, f"ShardedLion, {_grad} grads, topology-aware, DDP hook, overlap_updates, 2 MB buckets", "lion",
-            "lion-1bit" if _grad == "1bit" else "lion",
-            configs._sharded("lion", _grad, True, ranks_per_node="auto", overlap_updates=True, bucket_mb=2),
+            _name, f"ShardedLion, {_grad} grads, topology-aware, DDP hook, overlap_updates, {_mb or 25} MB buckets",
+            "lion", "lion-1bit" if _grad == "1bit" else "lion",
+            configs._sharded("lion", _grad, True, ranks_per_node="auto", overlap_updates=True, bucket_mb=_mb),
             cost_hierarchical(_gb), lossy=_grad == "1bit", leo_dist=True,
             probe=configs._probe_sharded("lion", _grad, hook=True), default=False))
-# ... and with larger buckets: on the testbed's 2 cores every bucket's collectives, hooks and
-# messages cost CPU, which 4 ranks share (docs/topology.md, "Where the two-level step's time goes")
-for _mb, _suffix in ((None, ""), (8, "_b8")):
-    _name = f"leo_lion_bf16_hier_overlap{_suffix}"
-    if _name not in configs.REGISTRY:
-        configs.register(configs.Config(
-            _name, f"ShardedLion, bf16 grads, topology-aware, DDP hook, overlap_updates, {_mb or 25} MB buckets",
-            "lion", "lion", configs._sharded("lion", "bf16", True, ranks_per_node="auto", overlap_updates=True,
-                                             bucket_mb=_mb),
-            cost_hierarchical(2), leo_dist=True, probe=configs._probe_sharded("lion", "bf16", hook=True),
-            default=False))
 # the same without streamed steps (an A/B of docs/overlap.md, "Streamed steps")
 if "leo_lion_bf16_hier_overlap_b2_nostream" not in configs.REGISTRY:
     configs.register(configs.Config(
