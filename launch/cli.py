@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                   help="model size from launch/gpt.py: tiny ~0.4M, small ~3M, 10m ~11M parameters (default: tiny)")
+                   help="model size from launch/gpt.py: tiny ~0.4M, small ~3M, 10m ~11M, 50m ~49M parameters (default: tiny)")
     g.add_argument("--batch-size", type=_int_at_least(1), default=16,
                    help="sequences per rank per step; the global batch is this times the world size (default: 16)")
     g.add_argument("--max-chars", type=_int_at_least(10_000), default=2_000_000,

@@ -34,11 +34,12 @@ class GPTConfig:
     dropout: float = 0.0
 
 
-# ~0.4M, ~3M and ~10M parameters (with vocab 128).
+# ~0.4M, ~3M, ~10M and ~50M parameters (with vocab 128).
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=4, n_embd=128, block_size=64),
     "small": dict(n_layer=4, n_head=4, n_embd=256, block_size=128),
     "10m": dict(n_layer=6, n_head=8, n_embd=384, block_size=128),
+    "50m": dict(n_layer=10, n_head=10, n_embd=640, block_size=128),
 }
 
 

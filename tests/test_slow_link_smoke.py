@@ -1,12 +1,16 @@
-"""The slow-link benchmark's pure-Python parts: registry, cost models, projection fit, parsing.
+"""The slow-link benchmark's pure-Python parts: registry, cost models, projection fit, parsing;
+and one unshaped worker run (its windows, warm-up windows included).
 
 The benchmark itself needs root and minutes (benchmarks/slow_link/run.py); none of that runs here.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
 import sys
+import types
 
 import pytest
 
@@ -75,6 +79,51 @@ def test_steps_to_target_interpolates():
     assert report.steps_to_target(evals, 2.5) == pytest.approx(15.0)
     assert report.steps_to_target(evals, 3.0) == pytest.approx(10.0)
     assert report.steps_to_target(evals, 1.0) is None
+
+
+def test_time_to_target_counts_the_uncompressed_steps_at_their_own_speed():
+    assert report.time_to_target(None, 1.0, 10, 3.0) is None
+    assert report.time_to_target(30.0, 1.0) == pytest.approx(30.0)
+    assert report.time_to_target(30.0, 1.0, 10, None) == pytest.approx(30.0)  # warm-up not timed
+    assert report.time_to_target(30.0, 1.0, 10, 3.0) == pytest.approx(10 * 3.0 + 20 * 1.0)
+    assert report.time_to_target(6.5, 1.0, 10, 3.0) == pytest.approx(6.5 * 3.0)  # reached within the warm-up
+    rec = dict(windows=[dict(rate_bps=1e8, phase="warmup"), dict(rate_bps=1e8, phase="main"), dict(rate_bps=1e9)])
+    assert [w.get("phase") for w in report.steady_windows(rec)] == ["main", None]
+
+
+def test_uncompressed_steps_per_configuration():
+    reg = configs.REGISTRY
+    assert configs.uncompressed_steps(reg["ddp_powersgd_lion"], object()) == configs.POWERSGD_START_ITER
+    assert configs.uncompressed_steps(reg["ddp_adamw"], object()) == 0
+    one_bit = types.SimpleNamespace(grad_comm="1bit", grad_comm_warmup=7)
+    assert configs.uncompressed_steps(reg["leo_lion_1bit"], one_bit) == 7
+    assert configs.uncompressed_steps(reg["leo_lion_bf16"], types.SimpleNamespace(grad_comm="bf16",
+                                                                                   grad_comm_warmup=7)) == 0
+
+
+def test_worker_times_warmup_windows_within_the_warmup(tmp_path):
+    """worker.py, W=2, unshaped: a 1-bit configuration (10 exact steps in the suite) gets warm-up
+    windows that end by step 10, then the steady windows at --window-at; all steps train once."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "rec.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.join(root, "benchmarks", "slow_link", "worker.py"), "--config", "leo_lion_1bit",
+           "--preset", "tiny", "--batch-size", "2", "--steps", "15", "--eval-every", "5", "--eval-batches", "2",
+           "--window-at", "12", "--windows", "100mbit:2,1gbit:2", "--warmup-window-at", "2",
+           "--warmup-timed-steps", "5", "--no-shape", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert rec["uncompressed_steps"] == configs.SUITE_1BIT_WARMUP == 10
+    got = [(w["phase"], w["rate_bps"], w["first_step"], w["steps"], len(w["step_s"])) for w in rec["windows"]]
+    # at most 5 per rate, shortened to end by step 10: (10 - 2 + 1) // 2 = 4 per rate
+    assert got == [("warmup", 1e8, 2, 4, 4), ("warmup", 1e9, 6, 4, 4), ("main", 1e8, 12, 2, 2),
+                   ("main", 1e9, 14, 2, 2)]
+    assert len(rec["train_loss"]) == 15 and rec["replicas_identical"]
+    # windows skip evaluations: step 5 is in one, 10 is not, 15 (the last) is evaluated after its window
+    assert [s for s, _ in rec["evals"]] == [0, 10, 15]
+    assert len(rec["free_step_s"]) == 3  # steps 1, 10 and 11
 
 
 def test_fit_recovers_kappa_and_checks_holdout():

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from launch.traffic import (POWERSGD_MIN_COMPRESSION_RATE, POWERSGD_RANK, POWERSGD_START_ITER,  # noqa: E402
                             powersgd_split)
 
-__all__ = ["Config", "Phase", "REGISTRY", "register", "get", "default_names", "HYPER", "model_shapes",
+__all__ = ["Config", "Phase", "REGISTRY", "register", "get", "default_names", "uncompressed_steps", "HYPER", "model_shapes",
            "DDP_BUCKET_BYTES", "LEO_BUCKET_BYTES", "POWERSGD_RANK",
            "POWERSGD_START_ITER"]
 
@@ -91,6 +91,9 @@ class Config:
     # windows and the report takes the loss curve from the twin, after checking that their
     # per-step training losses agree exactly over the steps both ran.
     twin: str | None = None
+    # Steps a lossy configuration runs uncompressed before its compression starts (PowerSGD's
+    # start_powerSGD_iter); None: read from the built optimizer (see uncompressed_steps).
+    warmup: int | None = None
 
     def unavailable(self) -> str | None:
         """None when this configuration can run here, else why not."""
@@ -107,6 +110,16 @@ class Config:
 
 
 REGISTRY: dict[str, Config] = {}
+
+
+def uncompressed_steps(cfg: Config, opt) -> int:
+    """How many of the first steps ``cfg`` (built as ``opt``) runs uncompressed, at the exact
+    modes' speed: time to target times them apart (worker.py --warmup-window-at, report.py)."""
+    if cfg.warmup is not None:
+        return cfg.warmup
+    if getattr(opt, "grad_comm", None) == "1bit":
+        return opt.grad_comm_warmup
+    return 0
 
 
 def register(cfg: Config) -> Config:
@@ -334,7 +347,7 @@ register(Config("ddp_lion_fp16", "DDP + Lion, fp16 compress hook", "lion", "lion
                 cost_ddp_16bit))
 register(Config("zero_lion", "ZeroRedundancyOptimizer(Lion) + DDP", "lion", "lion", build_zero_lion, cost_zero))
 register(Config("ddp_powersgd_lion", f"DDP + PowerSGD (rank {POWERSGD_RANK}) + Lion", "lion", "lion-powersgd",
-                build_ddp_powersgd_lion, cost_powersgd, lossy=True))
+                build_ddp_powersgd_lion, cost_powersgd, lossy=True, warmup=POWERSGD_START_ITER))
 for _grad in ("fp32", "bf16"):
     _c = cost_leo_lion_fp32 if _grad == "fp32" else cost_leo_lion_bf16
     register(Config(f"leo_lion_{_grad}", f"ShardedLion, {_grad} grads", "lion", "lion", _sharded("lion", _grad, False),

@@ -38,6 +38,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), HERE]
 import configs  # noqa: E402
 import netns  # noqa: E402
 import project  # noqa: E402
+import report  # noqa: E402
 
 # Configurations whose update all-gather the next forward hides (overlap_updates=True).
 UPDATE_OVERLAPPED = {n for n in configs.REGISTRY if "overlap" in n}
@@ -54,7 +55,7 @@ def measured_rows(raw_dir: str) -> list[dict]:
         if not floor:
             continue
         floor_s = statistics.median(floor[0]["step_s"])
-        for w in r["windows"]:
+        for w in report.steady_windows(r):
             if not w["rate_bps"]:
                 continue
             step = statistics.median(w["step_s"])

@@ -9,9 +9,13 @@ Definitions (per configuration, world size W and rate):
 - step time: median of the timed steps' wall times on rank 0.
 - steps to target: first step at which the validation loss (evaluated every few steps) is
   <= target, interpolated linearly between the two evaluations around the crossing.
-- time to target: steps to target × median step time at that rate. The loss curve is trained on
-  the unshaped loopback (the arithmetic does not depend on the link) and the step time is measured
-  on the shaped one, in the same run; evaluation time is not counted.
+- time to target: steps to target × median step time at that rate. A lossy configuration whose
+  first steps run uncompressed (PowerSGD's all-reduce steps, the 1-bit modes' exact warm-up;
+  ``uncompressed_steps`` in the raw file) counts those at the median of its warm-up window at
+  that rate (run.py --warmup-window-at) and the rest at the steady window's; a raw file without
+  a warm-up window counts every step at the steady speed (``warmup_step_s`` empty). The loss
+  curve is trained on the unshaped loopback (the arithmetic does not depend on the link) and the
+  step times are measured on the shaped one, in the same run; evaluation time is not counted.
 - final loss: validation loss after the step budget.
 """
 from __future__ import annotations
@@ -45,6 +49,21 @@ def load(out: str, only_run: str | None = None) -> list[dict]:
     order = {n: i for i, n in enumerate(configs.REGISTRY)}
     recs.sort(key=lambda r: (-r["world"], order.get(r["config"], 99)))
     return recs
+
+
+def steady_windows(rec: dict) -> list[dict]:
+    """The windows timed after every warm-up (all windows of a raw file older than warm-up windows)."""
+    return [w for w in rec["windows"] if w.get("phase", "main") == "main"]
+
+
+def time_to_target(stt: float | None, steady_s: float, uncompressed: int = 0,
+                   warmup_s: float | None = None) -> float | None:
+    """Seconds to ``stt`` steps: the first ``uncompressed`` of them at ``warmup_s`` when it was
+    timed, the rest (all, when it was not) at ``steady_s``."""
+    if stt is None:
+        return None
+    first = min(stt, uncompressed) if warmup_s is not None else 0.0
+    return first * warmup_s + (stt - first) * steady_s if first else stt * steady_s
 
 
 def steps_to_target(evals: list, target: float) -> float | None:
@@ -81,10 +100,12 @@ def rows_from(recs: list[dict], target: float) -> list[dict]:
         floor = [w for w in r["windows"] if not w["rate_bps"]]  # run.py --floor: timed unshaped window
         free = statistics.median(floor[0]["step_s"] if floor else (r["free_step_s"][3:] or r["free_step_s"]))
         stt = steps_to_target(r["evals"], target)
-        for w in r["windows"]:
+        warm = {w["rate_bps"]: statistics.median(w["step_s"]) for w in r["windows"] if w.get("phase") == "warmup"}
+        for w in steady_windows(r):
             if not w["rate_bps"]:
                 continue
             med = statistics.median(w["step_s"])
+            warm_s = warm.get(w["rate_bps"])
             measured = w["tx_bytes"] / (w["steps"] * r["world"])
             rows.append(dict(
                 config=r["config"], label=configs.REGISTRY[r["config"]].label, world=r["world"],
@@ -94,7 +115,9 @@ def rows_from(recs: list[dict], target: float) -> list[dict]:
                 step_s=med, step_s_mean=sum(w["step_s"]) / len(w["step_s"]), step_s_min=min(w["step_s"]),
                 step_s_max=max(w["step_s"]), timed_steps=w["steps"], free_step_s=free,
                 comm_fraction=max(0.0, 1 - free / med), tcp_retrans=w["tcp_retrans"], qdisc_drops=w["qdisc_drops"],
-                steps_to_target=stt, time_to_target_s=None if stt is None else stt * med,
+                steps_to_target=stt, uncompressed_steps=r.get("uncompressed_steps", 0), warmup_step_s=warm_s,
+                time_to_target_s=time_to_target(stt, med, r.get("uncompressed_steps", 0), warm_s),
+                time_to_target_steady_s=None if stt is None else stt * med,
                 final_val_loss=r["evals"][-1][1], final_step=r["evals"][-1][0],
                 replicas_identical=r.get("replicas_identical"), curve_from=r.get("curve_from", ""),
                 run_id=r.get("run_id"), leo_dist_sha256=r.get("leo_dist_sha256"), wall_s=r.get("wall_s")))
@@ -115,7 +138,8 @@ def _fmt(v, spec):
 COLUMNS = [("config", "config", "s"), ("W", "world", "d"), ("rate", "rate", "s"),
            ("MB/rank/step wire", "bytes_measured", "MB"), ("model", "bytes_model", "MB"), ("×DDP bytes", "bytes_vs_ddp", ".3f"),
            ("step s", "step_s", ".2f"), ("×DDP speed", "speedup_vs_ddp", ".2f"), ("comm %", "comm_fraction", "%"),
-           ("steps→tgt", "steps_to_target", ".0f"), ("s→tgt", "time_to_target_s", ".0f"),
+           ("warm-up step s", "warmup_step_s", ".2f"), ("steps→tgt", "steps_to_target", ".0f"),
+           ("s→tgt", "time_to_target_s", ".0f"),
            ("final loss", "final_val_loss", ".3f"), ("retx", "tcp_retrans", "d")]
 
 

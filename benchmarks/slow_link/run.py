@@ -10,7 +10,8 @@ What happens: the driver creates a network namespace (``leo_slow_<pid>``) with i
 and for every world size W and configuration runs ``torchrun --nproc-per-node W worker.py``
 inside it (``ip netns exec``). Each run trains ``--steps`` steps on the unshaped loopback (the
 loss curve), and at step ``--window-at`` times ``--timed-steps`` steps at each ``--rates`` entry,
-the loopback shaped with tc, counting the bytes on it (see worker.py and netns.py). The
+the loopback shaped with tc, counting the bytes on it (see worker.py and netns.py); a
+configuration that starts uncompressed is also timed during that warm-up (``--warmup-window-at``). The
 namespace is deleted on exit, also on error or Ctrl-C.
 
 Ranks are CPU processes with ``OMP_NUM_THREADS=1``: at W=4 on a 2-core machine two ranks share a
@@ -56,6 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--timed-steps", type=int, default=5, help="steps timed at each rate (default 5)")
     ap.add_argument("--window-at", type=int, default=12,
                     help="first timed step (after DDP's bucket rebuild and PowerSGD's warm-up; default 12)")
+    ap.add_argument("--warmup-window-at", type=int, default=2,
+                    help="first step of the warm-up windows: a configuration that runs its first steps "
+                         "uncompressed (PowerSGD, the 1-bit modes) is also timed there, at every rate, so that "
+                         "time to target counts those steps at their own speed (default 2: after DDP's first "
+                         "step; 0: none)")
+    ap.add_argument("--warmup-timed-steps", type=int, default=4,
+                    help="steps per rate of a warm-up window, at most (they end within the warm-up; default 4)")
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--preset", default="10m", help="launch/gpt.py model preset (default 10m)")
     ap.add_argument("--batch-size", type=int, default=4, help="sequences per rank per step (default 4)")
@@ -75,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.quick:
         args.preset, args.steps, args.timed_steps, args.window_at, args.eval_every = "tiny", 16, 2, 12, 8
+        args.warmup_timed_steps = 2
         if args.world_sizes == "4,2":
             args.world_sizes = "2"
         if args.out is None:
@@ -89,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--world-sizes: each must be >= 2 (there is no link at W=1)")
     if args.window_at + args.timed_steps * (len(args.rates) + args.floor) - 1 > args.steps:
         ap.error(f"--steps {args.steps} is too short for the timed windows starting at step {args.window_at}")
+    if args.warmup_window_at and args.warmup_window_at + args.warmup_timed_steps * len(args.rates) > args.window_at:
+        ap.error(f"--warmup-window-at {args.warmup_window_at} with --warmup-timed-steps {args.warmup_timed_steps}: "
+                 f"the warm-up windows must end before --window-at {args.window_at}")
     return args
 
 
@@ -117,6 +129,7 @@ def run_one(ns: netns.Namespace, cfg: configs.Config, world: int, args, raw_dir:
         os.path.join(HERE, "worker.py"), "--config", cfg.name, "--preset", args.preset,
         "--batch-size", str(args.batch_size), "--steps", str(steps), "--eval-every", str(args.eval_every),
         "--seed", str(args.seed), "--window-at", str(args.window_at), "--windows", windows,
+        "--warmup-window-at", str(args.warmup_window_at), "--warmup-timed-steps", str(args.warmup_timed_steps),
         "--delay-ms", str(args.delay_ms), "--out", out + ".tmp"]
     netns.unshape(ns.name)  # a run killed mid-window must not leave its successor shaped
     t0 = time.time()

@@ -9,6 +9,12 @@ the namespace, as root), reads the interface counters, all ranks run K ordinary 
 then rank 0 reads the counters again and removes the shaping. Window steps are training steps
 like the others, so the windows measure the very run whose loss curve is reported.
 
+A lossy configuration that runs its first steps uncompressed (PowerSGD's 10 all-reduce steps,
+the 1-bit modes' exact warm-up: ``configs.uncompressed_steps``) also gets, with
+``--warmup-window-at S``, the same shaped windows from step S, shortened to end within that
+warm-up and marked ``phase: "warmup"``, so that time to target can count those steps at their
+own speed.
+
 Rank 0 writes one JSON file (``--out``) with everything the driver needs.
 """
 from __future__ import annotations
@@ -55,6 +61,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--window-at", type=int, default=12)
     ap.add_argument("--windows", default="")
+    ap.add_argument("--warmup-window-at", type=int, default=0,
+                    help="first step of the warm-up windows of a configuration with uncompressed steps (0: none)")
+    ap.add_argument("--warmup-timed-steps", type=int, default=4)
     ap.add_argument("--delay-ms", type=float, default=0.0)
     ap.add_argument("--no-shape", action="store_true", help="time the windows without touching tc (tests)")
     ap.add_argument("--out", required=True)
@@ -131,58 +140,77 @@ def main() -> None:
                   leo_dist_sha256=code_sha,
                   hyper={k: list(v) if isinstance(v, tuple) else v for k, v in hyper.items()},
                   train_loss=[], evals=[], free_step_s=[], windows=[])
+    record["uncompressed_steps"] = configs.uncompressed_steps(cfg, opt)
     record["evals"].append((0, evaluate()))
+
+    def timed_windows(step: int, wins: list[tuple[float, int]], phase: str) -> int:
+        """Run ``wins`` from ``step`` (see the module docstring); returns the next step."""
+        for rate, k in wins:
+            k = min(k, args.steps - step + 1)
+            if k <= 0:
+                break
+            # a streamed step (overlap_updates) is still sending after step() returns: every
+            # window starts and ends with no step in flight, so its counters hold whole steps
+            finish = getattr(opt, "synchronize", None)
+            if finish is not None:
+                finish()
+            dist.barrier()
+            if rank == 0:
+                if rate and not args.no_shape:
+                    netns.shape(rate, args.delay_ms)
+                before = netns.read_counters()
+            dist.barrier()
+            times, t_prev = [], time.perf_counter()
+            del phases[:], marks[:]
+            for _ in range(k):
+                record["train_loss"].append(train_step(step))
+                now = time.perf_counter()
+                times.append(now - t_prev)
+                t_prev = now
+                step += 1
+            if finish is not None:
+                finish()
+            dist.barrier()
+            if rank == 0:
+                delta = netns.read_counters() - before
+                if rate and not args.no_shape:
+                    netns.unshape()
+                last = opt.comm_stats()["last_step"] if hasattr(opt, "comm_stats") else None
+                stats = last and last["sum"]
+                # the topology-aware exchange books its cross-node collectives as "<kind>:inter"
+                inter = last and sum(v["sent"] for k, v in last.items() if k.endswith(":inter"))
+                record["windows"].append(dict(rate_bps=rate, steps=k, first_step=step - k, phase=phase,
+                                              step_s=times,
+                                              forward_s=[ph[0] for ph in phases],
+                                              backward_s=[ph[1] for ph in phases],
+                                              opt_step_s=[ph[2] for ph in phases],
+                                              step_marks=list(marks),
+                                              tx_bytes=delta.tx_bytes, tx_packets=delta.tx_packets,
+                                              tcp_retrans=delta.tcp_retrans, qdisc_drops=delta.qdisc_drops,
+                                              library_sent_per_rank=stats and stats["sent"],
+                                              library_inter_sent_per_rank=inter or None))
+                med = [statistics.median(ph[i] for ph in phases) for i in range(3)]
+                print(f"[{cfg.name} W={world}] {netns.format_rate(rate) if rate else 'unshaped'}"
+                      f"{' (warm-up)' if phase == 'warmup' else ''}: median step "
+                      f"{statistics.median(times):.3f}s (fwd {med[0]:.3f} bwd {med[1]:.3f} step {med[2]:.3f}), "
+                      f"{delta.tx_bytes / k / world / 1e6:.2f} MB/rank/step "
+                      f"on the wire, retrans {delta.tcp_retrans}", flush=True)
+        return step
+
+    starts = {args.window_at: (windows, "main")} if windows else {}
+    warm, shaped = record["uncompressed_steps"], [rate for rate, _ in windows if rate]
+    if args.warmup_window_at > 0 and warm and shaped:
+        # every warm-up window ends by step `warm`, the last uncompressed one
+        k = min(args.warmup_timed_steps, (warm - args.warmup_window_at + 1) // len(shaped))
+        if k >= 1:
+            if args.warmup_window_at + k * len(shaped) > args.window_at:
+                raise SystemExit(f"--warmup-window-at {args.warmup_window_at}: the warm-up windows overlap "
+                                 f"--window-at {args.window_at}")
+            starts[args.warmup_window_at] = ([(rate, k) for rate in shaped], "warmup")
     step = 1
     while step <= args.steps:
-        if step == args.window_at and windows:
-            for rate, k in windows:
-                k = min(k, args.steps - step + 1)
-                if k <= 0:
-                    break
-                # a streamed step (overlap_updates) is still sending after step() returns: every
-                # window starts and ends with no step in flight, so its counters hold whole steps
-                finish = getattr(opt, "synchronize", None)
-                if finish is not None:
-                    finish()
-                dist.barrier()
-                if rank == 0:
-                    if rate and not args.no_shape:
-                        netns.shape(rate, args.delay_ms)
-                    before = netns.read_counters()
-                dist.barrier()
-                times, t_prev = [], time.perf_counter()
-                del phases[:], marks[:]
-                for _ in range(k):
-                    record["train_loss"].append(train_step(step))
-                    now = time.perf_counter()
-                    times.append(now - t_prev)
-                    t_prev = now
-                    step += 1
-                if finish is not None:
-                    finish()
-                dist.barrier()
-                if rank == 0:
-                    delta = netns.read_counters() - before
-                    if rate and not args.no_shape:
-                        netns.unshape()
-                    last = opt.comm_stats()["last_step"] if hasattr(opt, "comm_stats") else None
-                    stats = last and last["sum"]
-                    # the topology-aware exchange books its cross-node collectives as "<kind>:inter"
-                    inter = last and sum(v["sent"] for k, v in last.items() if k.endswith(":inter"))
-                    record["windows"].append(dict(rate_bps=rate, steps=k, first_step=step - k, step_s=times,
-                                                  forward_s=[ph[0] for ph in phases],
-                                                  backward_s=[ph[1] for ph in phases],
-                                                  opt_step_s=[ph[2] for ph in phases],
-                                                  step_marks=list(marks),
-                                                  tx_bytes=delta.tx_bytes, tx_packets=delta.tx_packets,
-                                                  tcp_retrans=delta.tcp_retrans, qdisc_drops=delta.qdisc_drops,
-                                                  library_sent_per_rank=stats and stats["sent"],
-                                                  library_inter_sent_per_rank=inter or None))
-                    med = [statistics.median(ph[i] for ph in phases) for i in range(3)]
-                    print(f"[{cfg.name} W={world}] {netns.format_rate(rate) if rate else 'unshaped'}: median step "
-                          f"{statistics.median(times):.3f}s (fwd {med[0]:.3f} bwd {med[1]:.3f} step {med[2]:.3f}), "
-                          f"{delta.tx_bytes / k / world / 1e6:.2f} MB/rank/step "
-                          f"on the wire, retrans {delta.tcp_retrans}", flush=True)
+        if step in starts:
+            step = timed_windows(step, *starts.pop(step))
             continue
         t0 = time.perf_counter()
         record["train_loss"].append(train_step(step))
