@@ -44,19 +44,27 @@ def sweep_key(config: str, factor: float, world: int, seed: int, preset: str, st
 
 
 def summarise(runs: dict, configs: list[str], factors: list[float], world: int) -> list[dict]:
-    """Per configuration (in ``configs`` order): mean validation loss over seeds at each factor,
-    the seeds behind each mean, and the best factor (lowest mean) among those measured."""
+    """Per configuration (in ``configs`` order): mean validation loss at each factor over the seeds
+    run there (with half the spread and the number of seeds), and the best factor: the lowest mean
+    over the seeds that every measured factor shares (all seeds where they share none), so that more
+    seeds at one lr cannot decide the choice."""
     out = []
     for config in configs:
-        cells = {}
+        by_factor = {}
         for f in factors:
-            vals = [r["val_loss"] for r in runs.values() if r["config"] == config and r["world"] == world
-                    and r["lr_factor"] == f]
-            if vals:
-                cells[f] = (statistics.fmean(vals), (max(vals) - min(vals)) / 2, len(vals))
-        if cells:
-            best = min(cells, key=lambda f: cells[f][0])
-            out.append(dict(config=config, cells=cells, best=best, lr=base_lr(config) * best))
+            got = {r["seed"]: r["val_loss"] for r in runs.values() if r["config"] == config and r["world"] == world
+                   and r["lr_factor"] == f}
+            if got:
+                by_factor[f] = got
+        if not by_factor:
+            continue
+        cells = {f: (statistics.fmean(v.values()), (max(v.values()) - min(v.values())) / 2, len(v))
+                 for f, v in by_factor.items()}
+        common = set.intersection(*(set(v) for v in by_factor.values()))
+        best = min(by_factor, key=lambda f: statistics.fmean(by_factor[f][s] for s in common) if common
+                   else cells[f][0])
+        out.append(dict(config=config, cells=cells, best=best, lr=base_lr(config) * best,
+                        chosen_on=sorted(common)))
     return out
 
 
@@ -67,8 +75,8 @@ def report(runs: dict, configs: list[str], factors: list[float], args, command: 
              f"the convergence study's, from `{os.path.relpath(args.reuse, ROOT)}`).\n",
              "Final validation loss, mean over the seeds run (their number in brackets) ± half the spread, at "
              "the family's default lr times each factor (Leo 1e-3, Lion 3e-4, AdamW 2e-3); **bold**: the "
-             "configuration's best. The last column compares each configuration's mean at its best lr with "
-             "exact Leo's at its best.\n"]
+             "configuration's best, chosen on the seeds that all its lrs share (`chosen on`). The last column "
+             "compares each configuration's mean at its best lr with exact Leo's at its best.\n"]
     runs = {k: r for k, r in runs.items() if r["preset"] == args.preset and r["steps"] == args.steps
             and r.get("batch", DEFAULT_BATCH) == args.batch_size}
     for world in args.worlds:
@@ -78,8 +86,8 @@ def report(runs: dict, configs: list[str], factors: list[float], args, command: 
         ref = next((r for r in rows if r["config"] == "leo exact"), None)
         lines += [f"## W={world}\n",
                   "| configuration | " + " | ".join(f"lr ×{f:g}" for f in factors)
-                  + " | best lr | at best vs exact Leo at its best |",
-                  "|---|" + "---|" * len(factors) + "---|---|"]
+                  + " | best lr | chosen on seeds | at best vs exact Leo at its best |",
+                  "|---|" + "---|" * len(factors) + "---|---|---|"]
         for r in rows:
             cells = []
             for f in factors:
@@ -92,7 +100,8 @@ def report(runs: dict, configs: list[str], factors: list[float], args, command: 
             rel = "–"
             if ref is not None:
                 rel = f"{100 * (r['cells'][r['best']][0] / ref['cells'][ref['best']][0] - 1):+.2f}%"
-            lines.append(f"| {r['config']} | " + " | ".join(cells) + f" | {r['lr']:.3g} | {rel} |")
+            seeds = " ".join(map(str, r["chosen_on"])) or "–"
+            lines.append(f"| {r['config']} | " + " | ".join(cells) + f" | {r['lr']:.3g} | {seeds} | {rel} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -130,17 +139,19 @@ def main() -> None:
         with open(args.out + ".md", "w") as fh:
             fh.write(report(runs, args.configs, factors, args, command))
 
+    # every seed the convergence study has at the default lr is a factor-1 run of the sweep
+    for seed in sorted({r["seed"] for r in reused.values()}):
+        for world in args.worlds:
+            for config in args.configs:
+                key = sweep_key(config, 1.0, world, seed, args.preset, args.steps, args.batch_size)
+                if key in reused and key not in runs and 1.0 in factors:
+                    runs[key] = dict(reused[key], lr_factor=1.0, lr=base_lr(config), reused=True)
     for seed in args.seeds:
         for world in args.worlds:
             for f in order:
                 for config in args.configs:
                     key = sweep_key(config, f, world, seed, args.preset, args.steps, args.batch_size)
-                    if key in runs:
-                        continue
-                    if f == 1 and key in reused:
-                        runs[key] = dict(reused[key], lr_factor=1.0, lr=base_lr(config), reused=True)
-                        continue
-                    if args.report_only:
+                    if key in runs or args.report_only:
                         continue
                     lr = base_lr(config) * f
                     ns = types.SimpleNamespace(world=world, steps=args.steps, preset=args.preset, seed=seed)
