@@ -146,12 +146,12 @@ def main() -> None:
                 key = sweep_key(config, 1.0, world, seed, args.preset, args.steps, args.batch_size)
                 if key in reused and key not in runs and 1.0 in factors:
                     runs[key] = dict(reused[key], lr_factor=1.0, lr=base_lr(config), reused=True)
-    for seed in args.seeds:
+    for seed in [] if args.report_only else args.seeds:
         for world in args.worlds:
             for f in order:
                 for config in args.configs:
                     key = sweep_key(config, f, world, seed, args.preset, args.steps, args.batch_size)
-                    if key in runs or args.report_only:
+                    if key in runs:
                         continue
                     lr = base_lr(config) * f
                     ns = types.SimpleNamespace(world=world, steps=args.steps, preset=args.preset, seed=seed)

@@ -62,8 +62,10 @@ def time_to_target(stt: float | None, steady_s: float, uncompressed: int = 0,
     timed, the rest (all, when it was not) at ``steady_s``."""
     if stt is None:
         return None
-    first = min(stt, uncompressed) if warmup_s is not None else 0.0
-    return first * warmup_s + (stt - first) * steady_s if first else stt * steady_s
+    if warmup_s is None:
+        return stt * steady_s
+    first = min(stt, uncompressed)
+    return first * warmup_s + (stt - first) * steady_s
 
 
 def steps_to_target(evals: list, target: float) -> float | None:
@@ -101,6 +103,7 @@ def rows_from(recs: list[dict], target: float) -> list[dict]:
         free = statistics.median(floor[0]["step_s"] if floor else (r["free_step_s"][3:] or r["free_step_s"]))
         stt = steps_to_target(r["evals"], target)
         warm = {w["rate_bps"]: statistics.median(w["step_s"]) for w in r["windows"] if w.get("phase") == "warmup"}
+        uncompressed = r.get("uncompressed_steps", 0)
         for w in steady_windows(r):
             if not w["rate_bps"]:
                 continue
@@ -115,9 +118,9 @@ def rows_from(recs: list[dict], target: float) -> list[dict]:
                 step_s=med, step_s_mean=sum(w["step_s"]) / len(w["step_s"]), step_s_min=min(w["step_s"]),
                 step_s_max=max(w["step_s"]), timed_steps=w["steps"], free_step_s=free,
                 comm_fraction=max(0.0, 1 - free / med), tcp_retrans=w["tcp_retrans"], qdisc_drops=w["qdisc_drops"],
-                steps_to_target=stt, uncompressed_steps=r.get("uncompressed_steps", 0), warmup_step_s=warm_s,
-                time_to_target_s=time_to_target(stt, med, r.get("uncompressed_steps", 0), warm_s),
-                time_to_target_steady_s=None if stt is None else stt * med,
+                steps_to_target=stt, uncompressed_steps=uncompressed, warmup_step_s=warm_s,
+                time_to_target_s=time_to_target(stt, med, uncompressed, warm_s),
+                time_to_target_steady_s=time_to_target(stt, med),
                 final_val_loss=r["evals"][-1][1], final_step=r["evals"][-1][0],
                 replicas_identical=r.get("replicas_identical"), curve_from=r.get("curve_from", ""),
                 run_id=r.get("run_id"), leo_dist_sha256=r.get("leo_dist_sha256"), wall_s=r.get("wall_s")))
