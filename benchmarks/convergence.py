@@ -38,12 +38,16 @@ CONFIGS = {
     "leo grad_comm=1bit": LEO + ["--grad-comm", "1bit"],
     "leo grad_comm=1bit, warm-up 10": LEO + ["--grad-comm", "1bit", "--grad-comm-warmup", "10"],
     "leo grad_comm=1bit, warm-up 50": LEO + ["--grad-comm", "1bit", "--grad-comm-warmup", "50"],
+    # the default 50-step warm-up sent in bf16 (warmup_grad_comm="bf16"), against "leo grad_comm=1bit"
+    "leo grad_comm=1bit, bf16 warm-up": LEO + ["--grad-comm", "1bit", "--warmup-grad-comm", "bf16"],
     # one bit on both sides: the slow-link suite's fastest Leo to its target at W=2 (docs/benchmarks.md)
     "leo grad_comm=1bit, update_comm=1bit": LEO + ["--grad-comm", "1bit", "--update-comm", "1bit"],
     "lion exact": ["--optimizer", "sharded_lion"],
     "lion grad_comm=1bit": ["--optimizer", "sharded_lion", "--grad-comm", "1bit"],
     "lion grad_comm=1bit, warm-up 10": ["--optimizer", "sharded_lion", "--grad-comm", "1bit", "--grad-comm-warmup", "10"],
     "lion grad_comm=1bit, warm-up 50": ["--optimizer", "sharded_lion", "--grad-comm", "1bit", "--grad-comm-warmup", "50"],
+    "lion grad_comm=1bit, bf16 warm-up": ["--optimizer", "sharded_lion", "--grad-comm", "1bit",
+                                          "--warmup-grad-comm", "bf16"],
     "adamw (DDP)": ["--optimizer", "adamw", "--ddp"],
     # torch's PowerSGD hook (rank 4, error feedback) on DDP, with the same optimizer as the sharded rows
     "leo + DDP PowerSGD": ["--optimizer", "leo", "--ddp", "--grad-comm", "powersgd"],

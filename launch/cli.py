@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-comm-warmup", type=_int_at_least(0), default=None, metavar="STEPS",
                    help="with --grad-comm 1bit: steps that still send uncompressed gradients first "
                         "(default: the optimizer's)")
+    g.add_argument("--warmup-grad-comm", choices=("fp32", "bf16"), default=None,
+                   help="with --grad-comm 1bit: the wire dtype of those warm-up steps (default: the "
+                        "optimizer's, fp32; bf16 halves their bytes)")
     g.add_argument("--update-comm", choices=("exact", "bf16", "1bit"), default="exact",
                    help="sharded_leo only: how Leo's 2-D updates travel: exact (parameter dtype), bf16 "
                         "(rounded to bfloat16) or 1bit (signs + scales with error feedback) (default: exact)")
@@ -145,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--update-comm only applies to --optimizer sharded_leo")
     if args.grad_comm_warmup is not None and args.grad_comm != "1bit":
         parser.error("--grad-comm-warmup only applies with --grad-comm 1bit")
+    if args.warmup_grad_comm is not None and args.grad_comm != "1bit":
+        parser.error("--warmup-grad-comm only applies with --grad-comm 1bit")
     if args.ranks_per_node is not None:
         if not sharded:
             parser.error("--ranks-per-node needs a sharded optimizer (sharded_leo or sharded_lion)")

@@ -47,6 +47,8 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     comm_kw: dict[str, Any] = dict(process_group=None, grad_comm=args.grad_comm, bucket_mb=args.bucket_mb)
     if args.grad_comm_warmup is not None:
         comm_kw["grad_comm_warmup"] = args.grad_comm_warmup
+    if getattr(args, "warmup_grad_comm", None) is not None:
+        comm_kw["warmup_grad_comm"] = args.warmup_grad_comm
     if getattr(args, "ranks_per_node", None) is not None:
         comm_kw["ranks_per_node"] = args.ranks_per_node
     if args.optimizer == "sharded_leo":

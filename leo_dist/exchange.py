@@ -8,7 +8,8 @@ is sent at once, in blocks of ``cols`` columns of its ``(W, S)`` view (:data:`CH
 elements, all W rows together): each block is copied from the gradients into a pooled send
 buffer (wire dtype, AMP unscaling applied), exchanged (an all-to-all into a pooled receive
 buffer, summed in rank order straight into the shard, or ``reduce_scatter_tensor`` into the shard)
-and averaged. When compressing (``grad_comm="1bit"`` past its warm-up) a bucket is compressed
+and averaged; ``grad_comm="1bit"``'s warm-up steps take this path in ``warmup_grad_comm``'s wire
+dtype (fp32 or bf16). When compressing (``grad_comm="1bit"`` past its warm-up) a bucket is compressed
 block by block (:func:`leo_dist.onebit.compress_grad_stream_`) into a pooled message table and
 sent in one all-to-all, decoded block by block into the shard.
 
@@ -58,7 +59,9 @@ class GradientExchange:
         grad_comm: "fp32", "bf16" or "1bit" (see :data:`WIRE_DTYPES`).
         device: where the buffers live.
         compressing: called as each bucket is sent; True to send it 1-bit (``grad_comm="1bit"``
-            past its warm-up), False for the exact fp32 exchange.
+            past its warm-up), False for the uncompressed exchange in ``warmup_grad_comm``.
+        warmup_grad_comm: with ``grad_comm="1bit"``, the wire of the uncompressed (warm-up) steps:
+            "fp32" or "bf16", exactly as ``grad_comm`` of that name. Ignored otherwise.
         chunk_elems, max_inflight: block size and blocks in flight (memory against overlap).
         sender: a :class:`~leo_dist.sender.BackgroundSender` that sends each completed bucket
             while the caller (the DDP hook, inside backward) returns at once; None sends in the
@@ -72,13 +75,17 @@ class GradientExchange:
 
     def __init__(self, layout: Layout, comm: Comm, grad_comm: str, device: torch.device,
                  compressing: Callable[[], bool] = lambda: False, chunk_elems: int = CHUNK_ELEMS,
-                 max_inflight: int = MAX_INFLIGHT, sender: BackgroundSender | None = None):
+                 max_inflight: int = MAX_INFLIGHT, sender: BackgroundSender | None = None,
+                 warmup_grad_comm: str = "fp32"):
         if grad_comm not in WIRE_DTYPES:
             raise ValueError(f"grad_comm must be one of {sorted(WIRE_DTYPES)}, got {grad_comm!r}")
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         self.layout, self.comm, self.grad_comm, self.device = layout, comm, grad_comm, device
-        self.wire = WIRE_DTYPES[grad_comm]
+        if warmup_grad_comm not in ("fp32", "bf16"):
+            raise ValueError(f"warmup_grad_comm must be 'fp32' or 'bf16', got {warmup_grad_comm!r}")
+        # the dtype of every uncompressed exchange (the 1-bit codec works on float32 scratch of its own)
+        self.wire = WIRE_DTYPES[warmup_grad_comm if grad_comm == "1bit" else grad_comm]
         self.compressing = compressing
         self.max_inflight = max_inflight
         self.sender = sender

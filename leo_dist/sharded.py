@@ -69,7 +69,8 @@ class _ShardedOptimizer(Optimizer):
     def __init__(self, params, defaults: dict[str, Any], *, process_group, grad_comm: str, update_comm: str,
                  bucket_mb: float, momentum_dtype, fused, sync_params: bool, grad_comm_warmup: int = 50,
                  nonfinite: str = "skip", bf16_rounding: str = "stochastic", overlap_updates: bool = False,
-                 overlap_grads: bool | None = None, ranks_per_node: int | str | None = None):
+                 overlap_grads: bool | None = None, ranks_per_node: int | str | None = None,
+                 warmup_grad_comm: str = "fp32"):
         if not isinstance(overlap_updates, bool):
             raise TypeError(f"overlap_updates must be a bool, got {type(overlap_updates).__name__}")
         if overlap_grads is not None and not isinstance(overlap_grads, bool):
@@ -80,6 +81,12 @@ class _ShardedOptimizer(Optimizer):
             raise ValueError(f"update_comm must be 'exact', 'bf16' or '1bit', got {update_comm!r}")
         if isinstance(grad_comm_warmup, bool) or not isinstance(grad_comm_warmup, int) or grad_comm_warmup < 0:
             raise ValueError(f"grad_comm_warmup must be a non-negative int, got {grad_comm_warmup!r}")
+        if warmup_grad_comm not in ("fp32", "bf16"):
+            raise ValueError(f"warmup_grad_comm must be 'fp32' or 'bf16', got {warmup_grad_comm!r}")
+        if warmup_grad_comm != "fp32" and grad_comm != "1bit":
+            # only the 1-bit mode has a warm-up; accepting it elsewhere would silently do nothing
+            raise ValueError(f"warmup_grad_comm={warmup_grad_comm!r} applies to grad_comm='1bit' only, "
+                             f"got grad_comm={grad_comm!r}")
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be a positive number, got {bucket_mb!r}")
         # a ProcessGroup, a 1-D DeviceMesh or None; a 2-D (node, local rank) mesh sets ranks_per_node
@@ -88,6 +95,7 @@ class _ShardedOptimizer(Optimizer):
         self._momentum_dtype = check_momentum_dtype(momentum_dtype)
         self.grad_comm, self.update_comm = grad_comm, update_comm
         self.grad_comm_warmup = grad_comm_warmup
+        self.warmup_grad_comm = warmup_grad_comm
         self._steps_done = 0
         self._frozen = False
         super().__init__(params, defaults)
@@ -111,7 +119,8 @@ class _ShardedOptimizer(Optimizer):
         with self._comm.stats.outside_step():
             check_same_options_everywhere(self._comm, self._device, grad_comm=grad_comm, update_comm=update_comm,
                                           bucket_mb=bucket_mb, grad_comm_warmup=grad_comm_warmup,
-                                          sync_params=sync_params, momentum_dtype=self._momentum_dtype,
+                                          warmup_grad_comm=warmup_grad_comm, sync_params=sync_params,
+                                          momentum_dtype=self._momentum_dtype,
                                           overlap_grads=overlap_grads, overlap_updates=overlap_updates,
                                           ranks_per_node=ranks_per_node)
             replicas.check_same_layout(self._comm, self.param_groups, self._device)
@@ -127,7 +136,7 @@ class _ShardedOptimizer(Optimizer):
             exchange_comm = self._comm.duplicate() if self.overlap_grads else self._comm
         self._exchange = GradientExchange(self._layout, exchange_comm, grad_comm, self._device,
                                           compressing=lambda: self._steps_done >= self.grad_comm_warmup,
-                                          sender=self._sender)
+                                          sender=self._sender, warmup_grad_comm=warmup_grad_comm)
         if bf16_rounding not in ("nearest", "stochastic"):
             raise ValueError(f"bf16_rounding must be 'nearest' or 'stochastic', got {bf16_rounding!r}")
         self.bf16_rounding = bf16_rounding
@@ -589,6 +598,10 @@ class ShardedLion(_ShardedOptimizer):
             ±0.3% of exact (3 seeds, docs/onebit_modes.md). Over a whole 1000-step schedule
             1-bit gradients still cost about 2%, as PowerSGD rank 4 does (docs/convergence.md).
             Short runs that must compress sooner can lower it, at that cost.
+        warmup_grad_comm: with grad_comm="1bit", what the warm-up steps exchange: "fp32" (default,
+            exact) or "bf16" (half the warm-up's bytes: those steps run exactly as with
+            grad_comm="bf16"). On a slow link the fp32 warm-up can be most of the time to a
+            target (docs/benchmarks.md). Any other grad_comm raises ``ValueError`` unless "fp32".
         bucket_mb: bucket size in MiB of fp32 gradient (default 25).
         momentum_dtype: float32 (default) or bfloat16.
         fused: None/True/False, as for :class:`leo_dist.Lion`.
@@ -638,14 +651,15 @@ class ShardedLion(_ShardedOptimizer):
                  momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True,
                  grad_comm_warmup: int = 50, nonfinite: str = "skip",
                  bf16_rounding: str = "stochastic", overlap_updates: bool = False,
-                 overlap_grads: bool | None = None, ranks_per_node: int | str | None = None):
+                 overlap_grads: bool | None = None, ranks_per_node: int | str | None = None,
+                 warmup_grad_comm: str = "fp32"):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         weight_decay=weight_decay)
         super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm, update_comm="exact",
                          bucket_mb=bucket_mb, momentum_dtype=momentum_dtype, fused=fused, sync_params=sync_params,
                          grad_comm_warmup=grad_comm_warmup, nonfinite=nonfinite, bf16_rounding=bf16_rounding,
                          overlap_updates=overlap_updates, overlap_grads=overlap_grads,
-                         ranks_per_node=ranks_per_node)
+                         ranks_per_node=ranks_per_node, warmup_grad_comm=warmup_grad_comm)
 
 
 class ShardedLeo(_ShardedOptimizer):
@@ -670,11 +684,13 @@ class ShardedLeo(_ShardedOptimizer):
                  momentum_dtype: torch.dtype | None = None, fused: bool | None = None, sync_params: bool = True,
                  grad_comm_warmup: int = 50, nonfinite: str = "skip",
                  bf16_rounding: str = "stochastic", overlap_updates: bool = False,
-                 overlap_grads: bool | None = None, ranks_per_node: int | str | None = None):
+                 overlap_grads: bool | None = None, ranks_per_node: int | str | None = None,
+                 warmup_grad_comm: str = "fp32"):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         weight_decay=weight_decay, align_const=align_const, eps=eps, orthogonalize=orthogonalize)
         super().__init__(params, defaults, process_group=process_group, grad_comm=grad_comm,
                          update_comm=update_comm, bucket_mb=bucket_mb, momentum_dtype=momentum_dtype, fused=fused,
                          sync_params=sync_params, grad_comm_warmup=grad_comm_warmup, nonfinite=nonfinite,
                          bf16_rounding=bf16_rounding, overlap_updates=overlap_updates,
-                         overlap_grads=overlap_grads, ranks_per_node=ranks_per_node)
+                         overlap_grads=overlap_grads, ranks_per_node=ranks_per_node,
+                         warmup_grad_comm=warmup_grad_comm)

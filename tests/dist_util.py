@@ -25,6 +25,17 @@ def local_grad(step: int, rank: int, shape, dyadic: bool) -> torch.Tensor:
     return torch.randn(shape, generator=g)
 
 
+def feed_grads(params, step: int, rank: int, dyadic: bool, exchange=None) -> None:
+    """Rank ``rank``'s gradients of ``step``: staged into ``exchange`` (``opt._attach_hook``, the
+    DDP hook's path) when given, else set as ``.grad``."""
+    for p in params:
+        grad = local_grad(step, rank, p.shape, dyadic)
+        if exchange is not None:
+            exchange.stage(p, grad)
+        else:
+            p.grad = grad
+
+
 def averaged_grad(step: int, world: int, shape, dyadic: bool, wire=torch.float32) -> torch.Tensor:
     """What the reduce-scatter produces: the wire-dtype gradients summed in fp32 in rank order, then /W."""
     total = local_grad(step, 0, shape, dyadic).to(wire).float()

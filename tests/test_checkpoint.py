@@ -12,18 +12,20 @@ import leo_dist
 from conftest import run_ranks
 from dist_util import averaged_grad, groups_for, local_grad, make_params, oracle_run, params_hash, rel_err
 
-# (kind, grad_comm, update_comm): every mode of the sharded optimizers
+# (kind, grad_comm, update_comm[, warmup_grad_comm]): every mode of the sharded optimizers; the
+# bf16 warm-up one is saved inside its warm-up (6 steps), so the resumed runs finish it
 MODES = [("lion", "fp32", "exact"), ("lion", "bf16", "exact"), ("lion", "1bit", "exact"),
-         ("leo", "fp32", "exact"), ("leo", "bf16", "1bit"), ("leo", "1bit", "1bit")]
+         ("leo", "fp32", "exact"), ("leo", "bf16", "1bit"), ("leo", "1bit", "1bit"), ("leo", "1bit", "1bit", "bf16")]
 HALF, STEPS = 4, 8
 
 
-def _opt(params, kind, grad_comm, update_comm):
+def _opt(params, kind, grad_comm, update_comm, warmup_grad_comm=None):
+    warmup = dict(grad_comm_warmup=2) if warmup_grad_comm is None else dict(
+        grad_comm_warmup=HALF + 2, warmup_grad_comm=warmup_grad_comm)
     if kind == "lion":
-        return leo_dist.ShardedLion(groups_for(params, kind), bucket_mb=1e-4, grad_comm=grad_comm,
-                                    grad_comm_warmup=2)
+        return leo_dist.ShardedLion(groups_for(params, kind), bucket_mb=1e-4, grad_comm=grad_comm, **warmup)
     return leo_dist.ShardedLeo(groups_for(params, kind), bucket_mb=1e-4, grad_comm=grad_comm,
-                               update_comm=update_comm, grad_comm_warmup=2)
+                               update_comm=update_comm, **warmup)
 
 
 def _grads(params, step, world, rank, resumed_from):

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "launch" / "train.py"
@@ -226,6 +227,7 @@ def test_world_of_two_resume_matches_uninterrupted_run(tmp_path):
     (["--lr", "nan"], "must be in"),
     (["--optimizer", "sharded_lion", "--update-comm", "1bit"], "--update-comm only applies"),
     (["--optimizer", "leo", "--grad-comm", "1bit"], "needs a sharded optimizer"),
+    (["--grad-comm", "bf16", "--warmup-grad-comm", "bf16"], "--warmup-grad-comm only applies"),
     (["--optimizer", "adamw", "--grad-comm", "bf16"], "add --ddp"),
     (["--optimizer", "lion", "--grad-comm", "powersgd"], "needs a non-sharded optimizer"),
     (["--optimizer", "sharded_lion", "--ddp", "--grad-comm", "powersgd"], "needs a non-sharded optimizer"),
@@ -250,3 +252,10 @@ def test_lr_schedule_is_a_function_of_the_step():
     assert optimizers.lr_factor(args, 100) == pytest.approx(0.1)
     assert traffic.ddp_reference_bytes(1000, 4) == 2 * 3 / 4 * 4 * 1000
     assert traffic.ddp_reference_bytes(1000, 1) == 0
+
+
+def test_cli_passes_the_warmup_wire_to_the_optimizer():
+    model = torch.nn.Linear(4, 3)
+    args = cli.parse_args(["--optimizer", "sharded_lion", "--grad-comm", "1bit", "--warmup-grad-comm", "bf16"])
+    assert optimizers.build_optimizer(args, model).warmup_grad_comm == "bf16"
+    assert optimizers.build_optimizer(cli.parse_args(["--grad-comm", "1bit"]), model).warmup_grad_comm == "fp32"

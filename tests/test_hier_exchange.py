@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import leo_dist
 from conftest import run_ranks
-from dist_util import SHAPES, bucket_grad, groups_for, local_grad, make_params, oracle_run, params_hash, rel_err
+from dist_util import SHAPES, bucket_grad, feed_grads, groups_for, local_grad, make_params, oracle_run, params_hash, rel_err
 from leo_dist import onebit
 from leo_dist.partition import Layout
 
@@ -30,12 +30,7 @@ def _run(rank, world, kind, g, grad_comm, hook, steps, overlap=None, warmup=0, u
     exchange = opt._attach_hook(None) if hook else None
     hashes = []
     for step in range(steps):
-        for p in params:
-            grad = local_grad(step, rank, p.shape, True)
-            if hook:
-                exchange.stage(p, grad)
-            else:
-                p.grad = grad
+        feed_grads(params, step, rank, True, exchange)
         opt.step()
         hashes.append(params_hash(params))
     return dict(params=[p.detach().clone() for p in params], hashes=hashes, stats=opt.comm_stats()["last_step"],

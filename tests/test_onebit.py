@@ -6,7 +6,7 @@ import torch
 
 import leo_dist
 from conftest import run_ranks
-from dist_util import SHAPES, bucket_grad, groups_for, local_grad, make_params, params_hash, rel_err
+from dist_util import SHAPES, bucket_grad, feed_grads, groups_for, local_grad, make_params, params_hash, rel_err
 from leo_dist import onebit
 from leo_dist.partition import build_buckets
 
@@ -203,3 +203,59 @@ def test_c_codec_agrees_with_the_torch_codec(world, shard, valid, cols):
     finally:
         onebit.USE_C = old
     assert torch.equal(dec_c.nan_to_num(), dec_t.nan_to_num())
+
+
+def _warmup_wire(rank, world, g, hook):
+    """Per step, the parameter hashes and the gradient exchange's bytes of three optimizers on the
+    same gradients: 1-bit with a bf16 warm-up, bf16 throughout, 1-bit with the fp32 warm-up."""
+    out = {}
+    for name, kw in [("1bit_bf16", dict(grad_comm="1bit", warmup_grad_comm="bf16")), ("bf16", dict(grad_comm="bf16")),
+                     ("1bit_fp32", dict(grad_comm="1bit"))]:
+        params = make_params()
+        opt = leo_dist.ShardedLeo(groups_for(params, "leo"), bucket_mb=1e-4, grad_comm_warmup=WARMUP,
+                                  ranks_per_node=g, **kw)
+        exchange = opt._attach_hook(None) if hook else None
+        hashes, grad_bytes = [], []
+        for step in range(WARMUP + 2):
+            feed_grads(params, step, rank, False, exchange)
+            opt.step()
+            hashes.append(params_hash(params))
+            last = opt.comm_stats()["last_step"]
+            grad_bytes.append({k: v["sent"] for k, v in last.items() if k != "sum"})
+        out[name] = dict(hashes=hashes, grad_bytes=grad_bytes, replicas=opt.verify_replicas())
+    return out
+
+
+@pytest.mark.parametrize("world,g,hook", [(1, None, False), (3, None, True), (4, 2, True),
+                                          (3, 1, False)])
+def test_bf16_warmup_runs_the_bf16_exchange(world, g, hook):
+    # warmup_grad_comm="bf16": the warm-up steps are grad_comm="bf16" bitwise (same bytes, same
+    # parameters), then compression starts on schedule, from the same (zero) error feedback
+    out = run_ranks(_warmup_wire, world, g, hook)
+    for r in range(world):
+        assert out[r]["1bit_bf16"]["hashes"] == out[0]["1bit_bf16"]["hashes"], "replicas diverged"
+        assert out[r]["1bit_bf16"]["replicas"]
+    mine, bf16, fp32 = (out[0][k] for k in ("1bit_bf16", "bf16", "1bit_fp32"))
+    assert mine["hashes"][:WARMUP] == bf16["hashes"][:WARMUP]
+    assert mine["hashes"][:WARMUP] != fp32["hashes"][:WARMUP]  # fp32 rounds nothing
+    assert mine["hashes"][WARMUP] != bf16["hashes"][WARMUP]
+    if world == 1:
+        return  # nothing on the wire
+    grads = "reduce_scatter" if g is None else "reduce_scatter:inter"  # the (cross-node) gradient stage
+    for step in range(WARMUP + 2):
+        if step < WARMUP:
+            assert mine["grad_bytes"][step] == bf16["grad_bytes"][step]
+            assert 2 * mine["grad_bytes"][step][grads] == fp32["grad_bytes"][step][grads]
+        else:
+            assert not any(k.startswith("reduce_scatter") for k in mine["grad_bytes"][step])
+            assert mine["grad_bytes"][step] == fp32["grad_bytes"][step]
+
+
+def test_warmup_grad_comm_arguments():
+    p = [torch.zeros(3, 3, requires_grad=True)]
+    with pytest.raises(ValueError, match="warmup_grad_comm"):
+        leo_dist.ShardedLeo(p, grad_comm="1bit", warmup_grad_comm="fp16")
+    for grad_comm in ("fp32", "bf16"):  # no warm-up to apply it to: refused, not ignored
+        with pytest.raises(ValueError, match="warmup_grad_comm"):
+            leo_dist.ShardedLion(p, grad_comm=grad_comm, warmup_grad_comm="bf16")
+    assert leo_dist.ShardedLion(p, grad_comm="1bit", warmup_grad_comm="bf16").warmup_grad_comm == "bf16"

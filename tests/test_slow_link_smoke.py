@@ -154,3 +154,14 @@ def test_projection_shapes_and_monotonicity():
     t = project.comm_time(configs.REGISTRY["ddp_adamw"], big, 1024, 100e9, alpha=0.0)
     assert t == pytest.approx(2 * 1023 / 1024 * 4 * big.numel * 8 / 100e9)
     assert math.isfinite(t)
+
+
+def test_bf16_warmup_configurations_build_what_they_name():
+    import torch
+    for name in ("leo_lion_1bit_bf16warm", "leo_leo_1bit_1bit_bf16warm"):
+        cfg = configs.REGISTRY[name]
+        _, opt = cfg.build(torch.nn.Linear(8, 4), 1, configs.HYPER[cfg.family])
+        assert (opt.grad_comm, opt.warmup_grad_comm) == ("1bit", "bf16")
+        assert configs.uncompressed_steps(cfg, opt) == configs.SUITE_1BIT_WARMUP
+        twin = configs.REGISTRY[f"{name}_ddp_overlap_b2"]
+        assert twin.twin == name and twin.update == cfg.update

@@ -422,3 +422,25 @@ for _grad in ("bf16", "1bit"):
                                                       update_bits=True),
                     lossy=True, leo_dist=True, probe=_probe_sharded("leo", _grad, update_comm="1bit", hook=True),
                     twin="leo_leo_bf16_1bit" if _grad == "bf16" else "leo_leo_1bit_1bit", default=False))
+# The 1-bit warm-up in bf16 (warmup_grad_comm="bf16"): the same candidates, their uncompressed
+# first steps at half the bytes. Time to target on a slow link is mostly those steps.
+_BF16_WARM = dict(warmup_grad_comm="bf16")
+register(Config("leo_lion_1bit_bf16warm", "ShardedLion, 1-bit grads, bf16 warm-up", "lion", "lion-1bit-bf16warm",
+                _sharded("lion", "1bit", False, **_BF16_WARM), cost_leo_1bit_grads, lossy=True, leo_dist=True,
+                probe=_probe_sharded("lion", "1bit"), default=False))
+register(Config("leo_lion_1bit_bf16warm_ddp_overlap_b2",
+                "ShardedLion, 1-bit grads, bf16 warm-up, DDP hook, overlap_updates, 2 MB buckets", "lion",
+                "lion-1bit-bf16warm", _sharded("lion", "1bit", True, overlap_updates=True, bucket_mb=2, **_BF16_WARM),
+                cost_leo_1bit_grads, lossy=True, leo_dist=True, probe=_probe_sharded("lion", "1bit", hook=True),
+                twin="leo_lion_1bit_bf16warm", default=False))
+register(Config("leo_leo_1bit_1bit_bf16warm", "ShardedLeo, 1-bit grads, 1-bit matrix updates, bf16 warm-up", "leo",
+                "leo-1bit-1bit-bf16warm", _sharded("leo", "1bit", False, update_comm="1bit", **_BF16_WARM),
+                lambda s, w: _leo_phases(s, w, 1 / 8 + 4 / 1024, leo=True, update_bits=True), lossy=True,
+                leo_dist=True, probe=_probe_sharded("leo", "1bit", update_comm="1bit"), default=False))
+register(Config("leo_leo_1bit_1bit_bf16warm_ddp_overlap_b2",
+                "ShardedLeo, 1-bit grads, 1-bit matrix updates, bf16 warm-up, DDP hook, overlap_updates, 2 MB buckets",
+                "leo", "leo-1bit-1bit-bf16warm",
+                _sharded("leo", "1bit", True, update_comm="1bit", overlap_updates=True, bucket_mb=2, **_BF16_WARM),
+                lambda s, w: _leo_phases(s, w, 1 / 8 + 4 / 1024, leo=True, update_bits=True), lossy=True,
+                leo_dist=True, probe=_probe_sharded("leo", "1bit", update_comm="1bit", hook=True),
+                twin="leo_leo_1bit_1bit_bf16warm", default=False))
